@@ -1,0 +1,3 @@
+"""hearth: a private AI server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""HTTP dialects: each a pair of pure converters around the core types."""

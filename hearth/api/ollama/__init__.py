@@ -1,0 +1,1 @@
+"""The Ollama dialect: schemas, pure converters, thin routes."""

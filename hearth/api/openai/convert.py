@@ -1,0 +1,306 @@
+"""Pure converters: OpenAI wire <-> core types. No I/O here."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from typing import Any
+
+from hearth.api.openai import schemas as w
+from hearth.core.errors import BadRequest, HearthError
+from hearth.core.types import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    Message,
+    ModelInfo,
+    ResponseFormat,
+    Sampling,
+    Usage,
+)
+
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    return [s for s in stops if s]
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise BadRequest(f"logit_bias key {key!r} is not a token id (an integer)", param="logit_bias") from None
+    return out
+
+
+def _sampling(req: w.SamplingFields) -> Sampling:
+    return Sampling(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repeat_penalty=req.repeat_penalty,
+        logit_bias=_logit_bias(req.logit_bias),
+    )
+
+
+def _response_format(rf: w.ResponseFormat | None) -> ResponseFormat:
+    if rf is None or rf.type == "text":
+        return ResponseFormat()
+    if rf.type == "json_object":
+        return ResponseFormat(type="json")
+    if rf.json_schema is None or rf.json_schema.schema_ is None:
+        raise BadRequest(
+            "response_format.json_schema.schema is required when type is json_schema",
+            param="response_format.json_schema",
+        )
+    js = rf.json_schema
+    return ResponseFormat(type="json_schema", schema=js.schema_, name=js.name, strict=js.strict is not False)
+
+
+def _image(part: w.ContentPart, where: str) -> bytes:
+    url = part.image_url.url if part.image_url else ""
+    if not url.startswith("data:") or ";base64," not in url:
+        raise BadRequest(
+            f"{where}: only inline images (data:image/...;base64,...) are accepted; "
+            "hearth does not fetch URLs",
+            param=where,
+        )
+    try:
+        return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except ValueError:
+        raise BadRequest(f"{where}: image data is not valid base64", param=where) from None
+
+
+def _message(msg: w.ChatMessage, i: int) -> Message:
+    role = "system" if msg.role == "developer" else msg.role
+    if msg.content is None or isinstance(msg.content, str):
+        return Message(role=role, content=msg.content or "")
+    texts: list[str] = []
+    images: list[bytes] = []
+    for j, part in enumerate(msg.content):
+        where = f"messages[{i}].content[{j}]"
+        if part.type == "text":
+            texts.append(part.text or "")
+        elif part.type == "image_url":
+            images.append(_image(part, where))
+        else:
+            raise BadRequest(f"{where}: content part type {part.type!r} is not supported; use text", param=where)
+    return Message(role=role, content="\n".join(texts), images=images)
+
+
+def _reject_unsupported(req: w.SamplingFields) -> None:
+    if req.logprobs:
+        raise BadRequest("logprobs are not supported by hearth yet; remove `logprobs`", param="logprobs")
+    if req.echo:
+        raise BadRequest("echo is not supported; remove `echo`", param="echo")
+
+
+def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
+    """OpenAI chat request -> core GenerateRequest."""
+    _reject_unsupported(req)
+    if req.tools and req.tool_choice != "none":
+        raise BadRequest(
+            "tool calling is not supported by hearth's in-box engine yet; remove `tools`",
+            param="tools",
+        )
+    return GenerateRequest(
+        model=req.model or "",
+        messages=[_message(m, i) for i, m in enumerate(req.messages)],
+        sampling=_sampling(req),
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        stop=_stop_list(req.stop),
+        response_format=_response_format(req.response_format),
+        user=req.user,
+    )
+
+
+def completion_prompts(req: w.CompletionRequest) -> list[str]:
+    """The prompt strings of a legacy completion request."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        if not prompt:
+            raise BadRequest("prompt must not be an empty list", param="prompt")
+        return list(prompt)  # type: ignore[arg-type]
+    raise BadRequest("token-id prompts are not supported; send the prompt as text", param="prompt")
+
+
+def completion_request(req: w.CompletionRequest, prompt: str) -> GenerateRequest:
+    """OpenAI legacy completion (one prompt) -> core GenerateRequest."""
+    _reject_unsupported(req)
+    if req.suffix:
+        raise BadRequest("suffix (fill-in-the-middle) is not supported; remove `suffix`", param="suffix")
+    return GenerateRequest(
+        model=req.model or "",
+        prompt=prompt,
+        sampling=_sampling(req),
+        max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+        stop=_stop_list(req.stop),
+        response_format=_response_format(req.response_format),
+        user=req.user,
+    )
+
+
+def embed_request(req: w.EmbeddingRequest) -> EmbedRequest:
+    """OpenAI embeddings request -> core EmbedRequest."""
+    inputs = [req.input] if isinstance(req.input, str) else req.input
+    if not inputs:
+        raise BadRequest("input must not be empty", param="input")
+    if not all(isinstance(x, str) for x in inputs):
+        raise BadRequest("token-id inputs are not supported; send text", param="input")
+    return EmbedRequest(model=req.model or "", inputs=list(inputs), dimensions=req.dimensions)  # type: ignore[arg-type]
+
+
+def usage_body(usage: Usage | None) -> dict[str, Any]:
+    """Core Usage -> OpenAI `usage` object."""
+    u = usage or Usage()
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def chat_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+    """One non-streamed chat choice."""
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+        "logprobs": None,
+        "finish_reason": FINISH.get(finish or "stop", "stop"),
+    }
+
+
+def chat_response(rid: str, model: str, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+    """A `chat.completion` object."""
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage_body(usage),
+        "system_fingerprint": "hearth",
+        "service_tier": "default",
+    }
+
+
+def chat_chunk(
+    rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None
+) -> dict[str, Any]:
+    """A `chat.completion.chunk` with one choice."""
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": "hearth",
+        "choices": [
+            {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": FINISH.get(finish, "stop") if finish else None,
+            }
+        ],
+    }
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Usage) -> dict[str, Any]:
+    """The final stream chunk carrying usage and no choices."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": "hearth",
+        "choices": [],
+        "usage": usage_body(usage),
+    }
+
+
+def completion_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+    """One legacy completion choice."""
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": FINISH.get(finish or "stop", "stop") if finish is not None else None,
+    }
+
+
+def completion_response(
+    rid: str, created: int, model: str, choices: list[dict[str, Any]], usage: Usage | None
+) -> dict[str, Any]:
+    """A `text_completion` object (or stream chunk when usage is None)."""
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": "hearth",
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage_body(usage)
+    return body
+
+
+def _b64(vec: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+
+
+def embed_response(result: EmbedResult, encoding: str) -> dict[str, Any]:
+    """Core EmbedResult -> OpenAI `list` of embeddings."""
+    data = [
+        {"object": "embedding", "index": i, "embedding": _b64(v) if encoding == "base64" else v}
+        for i, v in enumerate(result.vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": result.model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
+
+
+def model_body(info: ModelInfo, model_id: str | None = None) -> dict[str, Any]:
+    """A `model` object, with hearth's extra facts (context, dimension)."""
+    body: dict[str, Any] = {
+        "id": model_id or info.id,
+        "object": "model",
+        "created": info.created,
+        "owned_by": info.owned_by,
+        "context_length": info.context_length,
+        "capabilities": info.capabilities,
+    }
+    if info.embedding_dimension:
+        body["embedding_dimension"] = info.embedding_dimension
+        body["embedding_dimensions"] = info.embedding_dimensions or [info.embedding_dimension]
+    if info.aliases:
+        body["aliases"] = info.aliases
+    return body
+
+
+def error_body(err: HearthError) -> dict[str, Any]:
+    """OpenAI error envelope."""
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}

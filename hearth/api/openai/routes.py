@@ -1,0 +1,176 @@
+"""Thin OpenAI routes: parse -> convert -> router/engine -> convert back."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from hearth.api.common import JSONResponse, merge, parse, read_json, until_disconnect
+from hearth.api.openai import convert
+from hearth.api.openai import schemas as w
+from hearth.core import serving
+from hearth.core.errors import HearthError
+from hearth.core.structured import validate_output
+from hearth.core.types import Chunk, GenerateRequest, Usage
+
+log = logging.getLogger("hearth.openai")
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def sse_error(err: HearthError) -> bytes:
+    """An error event in OpenAI's envelope (the SDK raises on it)."""
+    return sse(convert.error_body(err))
+
+
+def _stream_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state.hearth
+    wire = parse(w.ChatCompletionRequest, await read_json(request, state.settings.max_body_bytes))
+    req = convert.chat_request(wire)
+    engine, info = await state.router.resolve(req.model)
+    name = wire.model or info.id
+    state.limit_max_tokens(req)
+    gens = await serving.start(engine, info, req, wire.n)
+    rid = serving.new_id("chatcmpl")
+    if wire.stream:
+        include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
+        return _stream_response(_chat_stream(rid, name, gens, req, include_usage))
+    results = await until_disconnect(request, serving.collect_all(gens, req))
+    choices = [convert.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+    return JSONResponse(convert.chat_response(rid, name, choices, serving.total_usage(results)))
+
+
+async def _chat_stream(
+    rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    texts = ["" for _ in gens]
+    usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
+    try:
+        for i in range(len(gens)):
+            yield sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None}, None))
+        async for i, chunk in merge([aiter(g) for g in gens]):
+            chunk: Chunk
+            if chunk.text:
+                texts[i] += chunk.text
+                yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None))
+            if chunk.finish_reason:
+                if chunk.usage:
+                    usages[i] = chunk.usage
+                yield sse(convert.chat_chunk(rid, created, model, i, {}, chunk.finish_reason))
+                validate_output(texts[i], req.response_format, chunk.finish_reason)
+        if include_usage:
+            results = [serving.Result(t, "stop", u) for t, u in zip(texts, usages)]
+            yield sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk", serving.total_usage(results)))
+        yield b"data: [DONE]\n\n"
+    except HearthError as err:
+        yield sse_error(err)
+    finally:
+        for g in gens:
+            await g.aclose()
+
+
+async def completions(request: Request) -> Response:
+    state = request.app.state.hearth
+    wire = parse(w.CompletionRequest, await read_json(request, state.settings.max_body_bytes))
+    prompts = convert.completion_prompts(wire)
+    reqs = [convert.completion_request(wire, p) for p in prompts]
+    engine, info = await state.router.resolve(reqs[0].model)
+    name = wire.model or info.id
+    gens = []
+    try:
+        for r in reqs:
+            state.limit_max_tokens(r)
+            gens.extend(await serving.start(engine, info, r, wire.n))
+    except BaseException:
+        for g in gens:
+            await g.aclose()
+        raise
+    rid = serving.new_id("cmpl")
+    if wire.stream:
+        include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
+        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage))
+    results = await until_disconnect(request, serving.collect_all(gens, reqs[0]))
+    choices = [convert.completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+    usage = serving.total_usage(results)
+    usage.prompt_tokens = sum(g.prompt_tokens for g in gens[:: wire.n])
+    return JSONResponse(convert.completion_response(rid, int(time.time()), name, choices, usage))
+
+
+async def _completion_stream(
+    rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    texts = ["" for _ in gens]
+    completion_tokens = 0
+    try:
+        async for i, chunk in merge([aiter(g) for g in gens]):
+            if chunk.text:
+                texts[i] += chunk.text
+            if chunk.text or chunk.finish_reason:
+                choice = convert.completion_choice(i, chunk.text, chunk.finish_reason)
+                yield sse(convert.completion_response(rid, created, model, [choice], None))
+            if chunk.finish_reason:
+                completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0
+                validate_output(texts[i], req.response_format, chunk.finish_reason)
+        if include_usage:
+            usage = Usage(prompt_tokens=sum(g.prompt_tokens for g in gens), completion_tokens=completion_tokens)
+            yield sse(convert.usage_chunk(rid, created, model, "text_completion", usage))
+        yield b"data: [DONE]\n\n"
+    except HearthError as err:
+        yield sse_error(err)
+    finally:
+        for g in gens:
+            await g.aclose()
+
+
+async def embeddings(request: Request) -> Response:
+    state = request.app.state.hearth
+    wire = parse(w.EmbeddingRequest, await read_json(request, state.settings.max_body_bytes))
+    req = convert.embed_request(wire)
+    engine, info = await state.router.resolve(req.model)
+    result = await until_disconnect(request, engine.embed(info, req))
+    result.model = wire.model or info.id
+    return JSONResponse(convert.embed_response(result, wire.encoding_format))
+
+
+async def list_models(request: Request) -> Response:
+    state = request.app.state.hearth
+    data = [convert.model_body(m) for m in await state.router.models()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    state = request.app.state.hearth
+    name = request.path_params["model"]
+    _, info = await state.router.resolve(name)
+    return JSONResponse(convert.model_body(info, name))
+
+
+def routes() -> list[Route]:
+    """The OpenAI dialect's routes, mounted under /v1."""
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    ]

@@ -1,0 +1,146 @@
+"""The app factory: `create_app(settings, engines)` wires dialects, router and engines."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from hearth.api.common import JSONResponse
+from hearth.api.openai import convert as openai_convert
+from hearth.api.openai import routes as openai_routes
+from hearth.core.engine import Engine
+from hearth.core.errors import BadRequest, HearthError, NotFound
+from hearth.core.router import Router
+from hearth.core.types import GenerateRequest
+from hearth.settings import BUNDLED_MODEL, Settings
+
+log = logging.getLogger("hearth")
+
+
+@dataclass
+class AppState:
+    """Everything a request handler may use; lives on `app.state.hearth`."""
+
+    settings: Settings
+    router: Router
+    engines: list[Engine]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def limit_max_tokens(self, req: GenerateRequest) -> None:
+        """Apply the configured per-request token cap (a 400 if asked for more)."""
+        cap = self.settings.max_tokens_limit
+        if not cap:
+            return
+        if req.max_tokens is None:
+            req.max_tokens = cap
+        elif req.max_tokens > cap:
+            raise BadRequest(
+                f"max_tokens {req.max_tokens} is over this server's limit of {cap} (setting max_tokens_limit)",
+                param="max_tokens",
+            )
+
+
+def is_ollama_path(path: str) -> bool:
+    """Ollama-dialect paths get Ollama's error envelope."""
+    return path.startswith("/api/")
+
+
+def error_response(request: Request, err: HearthError) -> Response:
+    """Render an error in the dialect of the path it happened on."""
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    if is_ollama_path(request.url.path):
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+    return JSONResponse(openai_convert.error_body(err), status_code=err.status, headers=headers)
+
+
+async def on_hearth_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HearthError)
+    if exc.status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(request, exc)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        err: HearthError = NotFound(f"no route {request.method} {request.url.path}; see /v1/* and /api/*",
+                                    code="not_found")
+    else:
+        err = HearthError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
+                          code="method_not_allowed" if exc.status_code == 405 else None)
+        err.type = "invalid_request_error"
+    return error_response(request, err)
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    err = HearthError(f"internal error ({type(exc).__name__}); the server log has details")
+    return error_response(request, err)
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    state: AppState = request.app.state.hearth
+    for engine in state.engines:
+        if not await engine.ready():
+            return JSONResponse({"status": "starting", "engine": engine.name}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+def create_app(settings: Settings, engines: list[Engine] | None = None, extra_routes: list[Route] | None = None) -> Starlette:
+    """Build the ASGI app. `engines` defaults to what the settings ask for."""
+    if engines is None:
+        from hearth.engines.registry import build_engines
+
+        engines = build_engines(settings)
+    default, aliases = settings.default_model, dict(settings.aliases)
+    if settings.fake:  # the fake engine stands in for the bundled model
+        swap = {BUNDLED_MODEL: "fake:latest"}
+        default = swap.get(default, default)
+        aliases = {k: swap.get(v, v) for k, v in aliases.items()}
+    router = Router(engines, default, aliases)
+    state = AppState(settings=settings, router=router, engines=engines)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for engine in engines:
+            await engine.start()
+        await router.refresh()
+        try:
+            yield
+        finally:
+            for engine in engines:
+                await engine.close()
+
+    from hearth.api.ollama import routes as ollama_routes
+
+    all_routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        *openai_routes.routes(),
+        *ollama_routes.routes(),
+        *(extra_routes or []),
+    ]
+    app = Starlette(
+        routes=all_routes,
+        lifespan=lifespan,
+        exception_handlers={
+            HearthError: on_hearth_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+    app.state.hearth = state
+    return app

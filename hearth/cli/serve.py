@@ -1,0 +1,88 @@
+"""`hearth serve`: start the HTTP server and say how to reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import sys
+
+import uvicorn
+
+from hearth.app import create_app
+from hearth.settings import Settings
+
+log = logging.getLogger("hearth.serve")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def banner(settings: Settings, port: int) -> str:
+    """What a person needs to start using the server."""
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{port}"
+    model = settings.default_model if not settings.fake else "fake:latest"
+    return (
+        f"hearth is ready at {url}  (OpenAI API: {url}/v1, Ollama API: {url}/api)\n"
+        f"default model: {model}\n"
+        f"try it:\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
+    )
+
+
+async def _run(settings: Settings) -> int:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        loop="none",
+        http="httptools",
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        port = settings.port
+        for s in server.servers:
+            for sock in s.sockets:
+                port = sock.getsockname()[1]
+        print(banner(settings, port), flush=True)
+
+    watcher = asyncio.ensure_future(announce())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+    return 0 if server.started else 1
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until interrupted. Returns the exit code."""
+    logging.getLogger().setLevel(settings.log_level.upper())
+    settings.home.mkdir(parents=True, exist_ok=True)
+    try:
+        import uvloop
+
+        return uvloop.run(_run(settings))
+    except ImportError:
+        return asyncio.run(_run(settings))
+    except OSError as exc:
+        print(f"hearth: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        print("hint: choose another port with --port or HEARTH_PORT", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""Dialect-neutral core: types, errors, engine contract, router."""

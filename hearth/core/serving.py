@@ -1,0 +1,94 @@
+"""Dialect-neutral serving steps: admit n generations, collect, validate."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from dataclasses import dataclass
+
+from hearth.core.engine import Engine, Generation
+from hearth.core.structured import check_enforceable, validate_output
+from hearth.core.types import GenerateRequest, ModelInfo, Usage
+
+
+def new_id(prefix: str) -> str:
+    """A request id like `chatcmpl-3f2a...`."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def check_request(req: GenerateRequest) -> None:
+    """Fail closed on structured-output schemas no grammar can enforce."""
+    if req.response_format.type == "json_schema":
+        check_enforceable(req.response_format.schema)
+
+
+async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
+    """Admit `n` generations of the same request (seed+i for each choice)."""
+    check_request(req)
+    gens: list[Generation] = []
+    try:
+        for i in range(n):
+            one = req if i == 0 else dataclasses.replace(
+                req,
+                sampling=dataclasses.replace(
+                    req.sampling, seed=None if req.sampling.seed is None else req.sampling.seed + i
+                ),
+            )
+            gens.append(await engine.generate(info, one))
+    except BaseException:
+        for g in gens:
+            await g.aclose()
+        raise
+    return gens
+
+
+@dataclass(slots=True)
+class Result:
+    """A finished generation."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+async def collect(gen: Generation, req: GenerateRequest) -> Result:
+    """Run a generation to the end and check structured output."""
+    parts: list[str] = []
+    finish = "stop"
+    usage = Usage(prompt_tokens=gen.prompt_tokens)
+    try:
+        async for chunk in gen:
+            parts.append(chunk.text)
+            if chunk.finish_reason:
+                finish = chunk.finish_reason
+            if chunk.usage:
+                usage = chunk.usage
+    finally:
+        await gen.aclose()
+    text = "".join(parts)
+    validate_output(text, req.response_format, finish)
+    return Result(text=text, finish_reason=finish, usage=usage)
+
+
+async def collect_all(gens: list[Generation], req: GenerateRequest) -> list[Result]:
+    """Collect several generations concurrently (they share the engine's batch)."""
+    try:
+        return list(await asyncio.gather(*(collect(g, req) for g in gens)))
+    finally:
+        for g in gens:
+            await g.aclose()
+
+
+def total_usage(results: list[Result]) -> Usage:
+    """Sum usage over the choices of one request (prompt counted once)."""
+    first = results[0].usage
+    return Usage(
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=sum(r.usage.completion_tokens for r in results),
+        cached_tokens=first.cached_tokens,
+        load_ns=first.load_ns,
+        prompt_ns=first.prompt_ns,
+        generate_ns=max(r.usage.generate_ns for r in results),
+        total_ns=max(r.usage.total_ns for r in results),
+    )

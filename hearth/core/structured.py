@@ -1,0 +1,103 @@
+"""Structured output: which JSON-schema keywords can be enforced, and the final check.
+
+Enforcement happens in an engine (a grammar while sampling); this module decides
+up front whether a schema can be enforced at all (fail closed: a keyword the
+grammar cannot express is a 400 naming it) and validates the finished text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+
+from hearth.core.errors import BadRequest, HearthError
+from hearth.core.types import ResponseFormat
+
+# Keywords the GBNF converter enforces exactly.
+ENFORCED = {
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+    "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
+}
+# Keywords that do not constrain values.
+ANNOTATIONS = {
+    "title", "description", "examples", "default", "$schema", "$id", "$comment",
+    "deprecated", "readOnly", "writeOnly", "strict", "nullable",
+}
+FORMATS = {"date", "time", "date-time", "uuid"}
+SCHEMA_MAPS = ("properties", "$defs", "definitions")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def check_enforceable(schema: Any, path: str = "$") -> None:
+    """Raise BadRequest naming the first keyword a grammar cannot enforce."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise BadRequest(f"response_format schema at {path} must be an object, got {type(schema).__name__}",
+                         param="response_format")
+    for key, value in schema.items():
+        if key not in ENFORCED and key not in ANNOTATIONS:
+            raise BadRequest(
+                f"JSON schema keyword {key!r} at {path} cannot be enforced by the grammar; "
+                f"remove it or check the value yourself (supported: {', '.join(sorted(ENFORCED))})",
+                param="response_format",
+                code="unsupported_schema_keyword",
+            )
+        if key == "format" and value not in FORMATS:
+            raise BadRequest(
+                f"JSON schema format {value!r} at {path} cannot be enforced; supported formats: "
+                f"{', '.join(sorted(FORMATS))}",
+                param="response_format",
+                code="unsupported_schema_keyword",
+            )
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                check_enforceable(sub, f"{path}.{key}.{name}")
+        elif key in SCHEMA_LISTS and isinstance(value, list):
+            for i, sub in enumerate(value):
+                check_enforceable(sub, f"{path}.{key}[{i}]")
+        elif key in ("items", "additionalProperties") and isinstance(value, (dict, bool)):
+            check_enforceable(value, f"{path}.{key}")
+    try:
+        if path == "$":
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise BadRequest(f"response_format schema is not a valid JSON schema: {exc.message}",
+                         param="response_format") from None
+
+
+class StructuredOutputError(HearthError):
+    """The model's output did not satisfy the requested format."""
+
+    status = 422
+    type = "invalid_response_error"
+    code = "structured_output_invalid"
+
+
+def validate_output(text: str, fmt: ResponseFormat, finish_reason: str | None) -> None:
+    """Raise if `text` is not JSON (matching the schema) when JSON was requested."""
+    if fmt.type == "text":
+        return
+    if finish_reason == "length":
+        raise StructuredOutputError(
+            "finish_reason=length: generation hit the token limit before the JSON was complete; "
+            "raise max_tokens (or num_predict) and retry",
+            code="structured_output_incomplete",
+        )
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StructuredOutputError(f"the model's output is not valid JSON: {exc}") from None
+    if fmt.type == "json" and not isinstance(value, dict):
+        raise StructuredOutputError("the model's output is JSON but not an object")
+    if fmt.type == "json_schema" and fmt.schema is not None:
+        try:
+            jsonschema.validate(value, fmt.schema)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+            raise StructuredOutputError(
+                f"the model's output does not match the schema at {where}: {exc.message}"
+            ) from None

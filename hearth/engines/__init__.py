@@ -1,0 +1,1 @@
+"""Everything that produces tokens or vectors, behind `hearth.core.engine.Engine`."""

@@ -1,0 +1,1 @@
+"""The in-box engine: llama.cpp in a worker process, batched."""

@@ -1,0 +1,362 @@
+"""The in-box engine, gateway side: models -> worker processes, requests -> workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hearth.core.errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    EngineUnavailable,
+    HearthError,
+    NotFound,
+    RateLimited,
+)
+from hearth.core.types import (
+    Chunk,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    LoadedModel,
+    ModelInfo,
+    Usage,
+)
+from hearth.engines.llamacpp.chat_format import ChatFormatter
+from hearth.engines.llamacpp.client import WorkerArgs, WorkerClient
+from hearth.engines.llamacpp.native_spec import sampler_spec
+from hearth.models.bundled import BUNDLED_NAME, ensure_bundled
+from hearth.models.gguf_meta import GGUFError, read_gguf
+from hearth.settings import Settings
+
+log = logging.getLogger("hearth.engine.llamacpp")
+
+
+def physical_cores() -> int:
+    """Physical cores (llama.cpp runs best with one thread per core)."""
+    seen: set[tuple[str, str]] = set()
+    phys = core = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    core = value
+                elif not key and core:
+                    seen.add((phys, core))
+                    core = ""
+        if core:
+            seen.add((phys, core))
+    except OSError:
+        pass
+    return len(seen) or os.cpu_count() or 1
+
+
+@dataclass
+class ServedModel:
+    """A GGUF this engine can serve, and its worker when loaded."""
+
+    info: ModelInfo
+    path: Path
+    worker: WorkerClient | None = None
+    formatter: ChatFormatter | None = None
+    expires_at: float | None = None
+    lock: asyncio.Lock | None = None
+
+
+class LlamaGeneration:
+    """Chunks from a worker for one request; closing early cancels it."""
+
+    def __init__(self, worker: WorkerClient, rid: str, box: asyncio.Queue[tuple[Any, ...]],
+                 prompt_tokens: int, load_ns: int, t0: int, on_end: Any) -> None:
+        self.worker = worker
+        self.rid = rid
+        self.box = box
+        self.prompt_tokens = prompt_tokens
+        self.load_ns = load_ns
+        self.t0 = t0
+        self.done = False
+        self.on_end = on_end
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[Chunk]:
+        while not self.done:
+            msg = await self.box.get()
+            kind = msg[0]
+            if kind == "text":
+                yield Chunk(text=msg[2])
+            elif kind == "done":
+                self._end()
+                u = msg[3]
+                total = time.perf_counter_ns() - self.t0
+                usage = Usage(
+                    prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
+                    cached_tokens=u["cached_tokens"], prompt_ns=u["prompt_ns"],
+                    generate_ns=u["generate_ns"], load_ns=self.load_ns, total_ns=total,
+                )
+                yield Chunk(finish_reason=msg[2], usage=usage)
+            elif kind == "dead":
+                self._end()
+                raise EngineUnavailable(
+                    f"the engine worker for {self.worker.name} stopped (exit {msg[2]}) during this request; "
+                    "it is being restarted, retry the request", retry_after=1)
+            elif kind == "error":
+                self._end()
+                raise EngineUnavailable(f"engine error: {msg[3]}")
+
+    def _end(self) -> None:
+        if not self.done:
+            self.done = True
+            self.worker.close_box(self.rid)
+            self.on_end()
+
+    async def aclose(self) -> None:
+        if not self.done:
+            try:
+                self.worker.send("cancel", self.rid)
+            except HearthError:
+                pass  # worker already gone: nothing left to cancel
+            self._end()
+
+
+class LlamaCppEngine:
+    """llama.cpp in worker processes, one per loaded model, batching inside."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.threads = settings.threads or physical_cores()
+        self.served: dict[str, ServedModel] = {}
+        self.reaper: asyncio.Task[None] | None = None
+
+    # -- model table ------------------------------------------------------------
+    def _register(self, name: str, path: Path, dims: list[int]) -> None:
+        try:
+            meta = read_gguf(path)
+        except GGUFError as exc:
+            log.error("skipping model %s: %s", name, exc)
+            return
+        ctx = min(self.settings.ctx_per_slot, meta.context_length or self.settings.ctx_per_slot)
+        info = ModelInfo(
+            id=name, engine=self.name, context_length=ctx,
+            created=int(path.stat().st_mtime), owned_by="hearth",
+            embedding_dimension=meta.embedding_length or None,
+            embedding_dimensions=sorted(set(dims) | {meta.embedding_length}) if dims else [],
+            capabilities=["completion", "embedding"],
+            architecture=meta.architecture, family=meta.architecture,
+            parameter_count=meta.parameter_count, quantization=meta.quantization,
+            size_bytes=path.stat().st_size, chat_template=meta.chat_template, path=str(path),
+            metadata={k: v for k, v in meta.metadata.items() if not k.startswith("tokenizer.ggml.")},
+        )
+        info.metadata["size_label"] = meta.size_label
+        info.metadata["context_length_train"] = meta.context_length
+        self.served[name] = ServedModel(info=info, path=path, lock=asyncio.Lock())
+
+    async def start(self) -> None:
+        path = await asyncio.to_thread(ensure_bundled, self.settings.models_dir)
+        self._register(BUNDLED_NAME, path, [])
+        for name, entry in self.settings.models.items():
+            full = name if ":" in name else f"{name}:latest"
+            self._register(full, entry.path.expanduser(), entry.embedding_dimensions)
+        default = self.served.get(self.settings.default_model) or self.served.get(
+            f"{self.settings.default_model}:latest")
+        if default is not None:
+            await self._worker(default, None)
+        self.reaper = asyncio.ensure_future(self._reap())
+
+    async def close(self) -> None:
+        if self.reaper:
+            self.reaper.cancel()
+        for sm in self.served.values():
+            if sm.worker:
+                await sm.worker.stop()
+                sm.worker = None
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [sm.info for sm in self.served.values()]
+
+    def _served(self, model: ModelInfo) -> ServedModel:
+        sm = self.served.get(model.id)
+        if sm is None:
+            raise NotFound(f"model {model.id!r} is not served by the in-box engine")
+        return sm
+
+    # -- workers and keep-alive ------------------------------------------------
+    def _keep(self, sm: ServedModel, keep_alive: float | None) -> None:
+        ka = self.settings.keep_alive if keep_alive is None else keep_alive
+        sm.expires_at = None if ka < 0 else time.time() + ka
+
+    async def _worker(self, sm: ServedModel, keep_alive: float | None) -> tuple[WorkerClient, int]:
+        """The model's live worker (starting one if needed) and load time in ns."""
+        assert sm.lock is not None
+        async with sm.lock:
+            load_ns = 0
+            if sm.worker is None or not sm.worker.alive:
+                if sm.worker is not None:
+                    await sm.worker.stop()
+                t0 = time.perf_counter_ns()
+                s = self.settings
+                worker = WorkerClient(sm.info.id, WorkerArgs(
+                    str(sm.path), s.slots, sm.info.context_length, s.batch_size, self.threads))
+                info = await worker.start()
+                sm.worker = worker
+                sm.formatter = ChatFormatter(info.get("chat_template"), info.get("architecture", ""),
+                                             info.get("bos", ""), info.get("eos", ""))
+                sm.info.context_length = info["n_ctx_seq"]
+                load_ns = time.perf_counter_ns() - t0
+            if keep_alive is not None or sm.expires_at is None or load_ns:
+                self._keep(sm, keep_alive)
+            return sm.worker, load_ns
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for sm in self.served.values():
+                w = sm.worker
+                if w and sm.expires_at is not None and sm.expires_at <= now and not w.outstanding:
+                    log.info("unloading %s (keep-alive expired)", sm.info.id)
+                    sm.worker = None
+                    await w.stop()
+
+    # -- requests ---------------------------------------------------------------
+    def _prompt(self, sm: ServedModel, req: GenerateRequest) -> tuple[str, bool]:
+        if req.messages is None:
+            return req.prompt or "", True
+        if any(m.images for m in req.messages):
+            raise BadRequest(f"model {sm.info.id!r} cannot see images; send text only or use a vision model",
+                             param="messages")
+        assert sm.formatter is not None
+        text = sm.formatter.render(req.messages)
+        bos = sm.formatter.bos
+        return text, not (bos and text.startswith(bos))
+
+    def _admit(self, worker: WorkerClient) -> None:
+        limit = self.settings.slots + self.settings.max_queue
+        if worker.outstanding >= limit:
+            raise RateLimited(
+                f"the in-box engine is busy ({worker.outstanding} requests running or queued, limit {limit}); "
+                "retry after a moment", retry_after=1)
+
+    async def generate(self, model: ModelInfo, req: GenerateRequest) -> LlamaGeneration:
+        t0 = time.perf_counter_ns()
+        sm = self._served(model)
+        worker, load_ns = await self._worker(sm, req.keep_alive)
+        self._admit(worker)
+        prompt, add_special = self._prompt(sm, req)
+        spec = sampler_spec(req)
+        rid = worker.new_id()
+        box = worker.open(rid)
+        try:
+            worker.send("gen", rid, prompt, add_special, spec, req.max_tokens, req.stop)
+            first = await box.get()
+        except BaseException:
+            worker.close_box(rid)
+            raise
+        if first[0] != "accepted":
+            worker.close_box(rid)
+            raise self._error(first, sm, "messages" if req.is_chat else "prompt")
+        return LlamaGeneration(worker, rid, box, first[2], load_ns, t0, lambda: self._keep(sm, req.keep_alive))
+
+    def _error(self, msg: tuple[Any, ...], sm: ServedModel, param: str) -> HearthError:
+        if msg[0] == "dead":
+            return EngineUnavailable(
+                f"the engine worker for {sm.info.id} stopped (exit {msg[2]}); it is being restarted, retry",
+                retry_after=1)
+        kind, detail = msg[2], msg[3]
+        if kind == "context":
+            prompt, completion, limit = detail
+            if completion:
+                return ContextLengthExceeded(
+                    f"this model's context is {limit} tokens, but you asked for {prompt + completion} "
+                    f"({prompt} in the prompt, {completion} for the completion); shorten the prompt "
+                    "or lower max_tokens", param=param)
+            return ContextLengthExceeded(
+                f"this model's context is {limit} tokens, but the prompt is {prompt} tokens; "
+                "shorten the prompt (or raise ctx_per_slot)", param=param)
+        if kind == "bad_request":
+            return BadRequest(str(detail), param=param)
+        return EngineUnavailable(f"engine error: {detail}")
+
+    async def embed(self, model: ModelInfo, req: EmbedRequest) -> EmbedResult:
+        t0 = time.perf_counter_ns()
+        sm = self._served(model)
+        native = sm.info.embedding_dimension or 0
+        allowed = sm.info.embedding_dimensions or [native]
+        if req.dimensions is not None and req.dimensions not in allowed:
+            raise BadRequest(
+                f"model {model.id!r} gives {native}-dimensional embeddings and declares no support for "
+                f"{req.dimensions}; drop `dimensions` or use one of {allowed}", param="dimensions")
+        worker, load_ns = await self._worker(sm, req.keep_alive)
+        self._admit(worker)
+        rid = worker.new_id()
+        box = worker.open(rid)
+        try:
+            worker.send("embed", rid, req.inputs, req.truncate)
+            msg = await box.get()
+        except BaseException:
+            if worker.alive:
+                worker.send("cancel", rid)
+            raise
+        finally:
+            worker.close_box(rid)
+        if msg[0] != "embedding":
+            raise self._error(msg, sm, "input")
+        vectors = msg[2]
+        if req.dimensions is not None and req.dimensions != native:
+            vectors = [_renorm(v[: req.dimensions]) for v in vectors]
+        self._keep(sm, req.keep_alive)
+        return EmbedResult(vectors=vectors, prompt_tokens=msg[3], model=model.id,
+                           total_ns=time.perf_counter_ns() - t0, load_ns=load_ns)
+
+    # -- status -------------------------------------------------------------------
+    async def ready(self) -> bool:
+        default = self.served.get(self.settings.default_model) or self.served.get(
+            f"{self.settings.default_model}:latest")
+        if default is None:
+            return bool(self.served)
+        try:
+            worker, _ = await self._worker(default, None)
+        except HearthError:
+            return False
+        return worker.alive
+
+    async def loaded(self) -> list[LoadedModel]:
+        return [
+            LoadedModel(sm.info.id, sm.info.size_bytes, sm.info.context_length, sm.expires_at)
+            for sm in self.served.values() if sm.worker and sm.worker.alive
+        ]
+
+    async def load(self, model: ModelInfo, keep_alive: float | None) -> float:
+        t0 = time.perf_counter()
+        await self._worker(self._served(model), keep_alive)
+        return time.perf_counter() - t0
+
+    async def unload(self, model: ModelInfo) -> None:
+        sm = self._served(model)
+        if sm.worker:
+            worker, sm.worker = sm.worker, None
+            await worker.stop()
+
+    def worker_pid(self, model_id: str) -> int | None:
+        """PID of a model's worker (for tests and `hearth ps`)."""
+        sm = self.served.get(model_id)
+        return sm.worker.pid if sm and sm.worker else None
+
+
+def _renorm(vec: list[float]) -> list[float]:
+    norm = sum(x * x for x in vec) ** 0.5 or 1.0
+    return [x / norm for x in vec]
+

@@ -1,0 +1,222 @@
+"""Thin, typed wrappers over llama-cpp-python's low-level (ctypes) API.
+
+Only the worker process imports this module: a crash in native code must
+never take the gateway down.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+from typing import Any
+
+import llama_cpp as L
+
+from hearth.engines.llamacpp.native_spec import SamplerSpec
+
+
+def silence_logs() -> None:
+    """Keep llama.cpp's chatter (it logs every tensor) out of hearth's log."""
+
+    @L.llama_log_callback
+    def _quiet(level: int, text: bytes, user_data: Any) -> None:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR: worth seeing in hearth's log
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    # Keep a reference so the callback is not garbage-collected.
+    silence_logs.callback = _quiet  # type: ignore[attr-defined]
+    L.llama_log_set(_quiet, ctypes.c_void_p(0))
+
+
+class Model:
+    """A loaded GGUF model with a generation context and an embedding context."""
+
+    def __init__(self, path: str, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int) -> None:
+        L.llama_backend_init()
+        mparams = L.llama_model_default_params()
+        self.model = L.llama_model_load_from_file(path.encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
+        self.n_embd = L.llama_model_n_embd(self.model)
+        self.n_seq = n_seq
+        self.n_ctx_seq = min(n_ctx_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_seq
+        self.n_batch = n_batch
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_seq * n_seq
+        cparams.n_batch = max(n_batch, n_seq)
+        cparams.n_ubatch = max(n_batch, n_seq)
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(cparams.n_batch, 0, 1)
+        self.batch_cap = cparams.n_batch
+        self.threads = threads
+        self._ectx: Any = None
+        self._piece = ctypes.create_string_buffer(256)
+
+    # -- metadata -------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or None."""
+        buf = ctypes.create_string_buffer(65536)
+        n = L.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def chat_template(self) -> str | None:
+        raw = L.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def describe(self) -> dict[str, Any]:
+        """Facts the gateway needs (sent once in the `ready` message)."""
+        desc = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, desc, len(desc))
+        bos = L.llama_vocab_bos(self.vocab)
+        eos = L.llama_vocab_eos(self.vocab)
+        return {
+            "n_ctx_train": self.n_ctx_train,
+            "n_ctx_seq": self.n_ctx_seq,
+            "n_seq": self.n_seq,
+            "n_embd": self.n_embd,
+            "n_vocab": self.n_vocab,
+            "size": L.llama_model_size(self.model),
+            "n_params": L.llama_model_n_params(self.model),
+            "desc": desc.value.decode("utf-8", "replace"),
+            "architecture": self.meta("general.architecture") or "",
+            "chat_template": self.chat_template(),
+            "bos": self.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
+            "eos": self.piece(eos, special=True).decode("utf-8", "replace") if eos >= 0 else "",
+        }
+
+    # -- text <-> tokens --------------------------------------------------
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, True)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
+            return big.raw[:n]
+        return self._piece.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    # -- sampling -----------------------------------------------------------
+    def sampler(self, spec: SamplerSpec) -> Any:
+        """A fresh sampler chain for one request."""
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        add = lambda s: L.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if spec.grammar:
+            grammar = L.llama_sampler_init_grammar(self.vocab, spec.grammar.encode(), b"root")
+            if not grammar:
+                L.llama_sampler_free(chain)
+                raise ValueError("the grammar for this response_format could not be parsed")
+            add(grammar)
+        if spec.logit_bias:
+            arr = (L.llama_logit_bias * len(spec.logit_bias))()
+            for i, (tok, bias) in enumerate(spec.logit_bias.items()):
+                arr[i].token = tok
+                arr[i].bias = -1e30 if bias <= -100 else bias
+            add(L.llama_sampler_init_logit_bias(self.n_vocab, len(spec.logit_bias), arr))
+        if spec.repeat_penalty != 1.0 or spec.presence_penalty or spec.frequency_penalty:
+            add(L.llama_sampler_init_penalties(
+                self.n_vocab, spec.repeat_last_n, spec.repeat_penalty,
+                spec.frequency_penalty, spec.presence_penalty))
+        if spec.temperature <= 0:
+            add(L.llama_sampler_init_greedy())
+            return chain
+        if spec.top_k > 0:
+            add(L.llama_sampler_init_top_k(spec.top_k))
+        if spec.top_p < 1.0:
+            add(L.llama_sampler_init_top_p(spec.top_p, 1))
+        if spec.min_p > 0:
+            add(L.llama_sampler_init_min_p(spec.min_p, 1))
+        add(L.llama_sampler_init_temp(spec.temperature))
+        seed = spec.seed if spec.seed is not None else L.LLAMA_DEFAULT_SEED
+        add(L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def sample(self, chain: Any, index: int) -> int:
+        return int(L.llama_sampler_sample(chain, self.ctx, index))
+
+    @staticmethod
+    def free_sampler(chain: Any) -> None:
+        L.llama_sampler_free(chain)
+
+    # -- batches and KV ---------------------------------------------------------
+    def batch_clear(self) -> None:
+        self.batch.n_tokens = 0
+
+    def batch_add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append a token; returns its index in the batch."""
+        b = self.batch
+        i = b.n_tokens
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        b.n_tokens = i + 1
+        return i
+
+    def decode(self) -> int:
+        return int(L.llama_decode(self.ctx, self.batch))
+
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        return bool(L.llama_memory_seq_rm(self.mem, seq, p0, p1))
+
+    # -- embeddings -----------------------------------------------------------
+    def embed_one(self, text: str, truncate: bool) -> tuple[list[float], int]:
+        """Mean-pooled, L2-normalised embedding of one text (one decode)."""
+        if self._ectx is None:
+            cparams = L.llama_context_default_params()
+            cparams.n_ctx = self.n_ctx_seq
+            cparams.n_batch = self.n_ctx_seq
+            cparams.n_ubatch = self.n_ctx_seq
+            cparams.n_seq_max = 1
+            cparams.n_threads = self.threads
+            cparams.n_threads_batch = self.threads
+            cparams.embeddings = True
+            cparams.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+            cparams.no_perf = True
+            self._ectx = L.llama_init_from_model(self.model, cparams)
+            self._ebatch = L.llama_batch_init(self.n_ctx_seq, 0, 1)
+        tokens = self.tokenize(text, add_special=True)
+        if len(tokens) > self.n_ctx_seq:
+            if not truncate:
+                raise OverflowError(len(tokens))
+            tokens = tokens[: self.n_ctx_seq]
+        L.llama_memory_clear(L.llama_get_memory(self._ectx), True)
+        b = self._ebatch
+        b.n_tokens = 0
+        for pos, tok in enumerate(tokens):
+            b.token[pos] = tok
+            b.pos[pos] = pos
+            b.n_seq_id[pos] = 1
+            b.seq_id[pos][0] = 0
+            b.logits[pos] = True
+        b.n_tokens = len(tokens)
+        if L.llama_decode(self._ectx, b) != 0:
+            raise RuntimeError("llama_decode failed while embedding")
+        ptr = L.llama_get_embeddings_seq(self._ectx, 0)
+        vec = [float(ptr[i]) for i in range(self.n_embd)]
+        norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+        return [x / norm for x in vec], len(tokens)

@@ -1,0 +1,313 @@
+"""The engine worker process: one model, continuous batching on llama.cpp.
+
+Started by the gateway as `python -m hearth.engines.llamacpp.worker` with a
+socket fd. Every decode step carries one token for each generating sequence
+plus prompt chunks of newly admitted ones; requests join and leave between
+steps. Slots keep their tokens after a request ends so that the next request
+sharing a prefix (same system prompt, a continued chat) skips recomputing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from hearth.engines.llamacpp.ipc import BlockingChannel, pack
+from hearth.engines.llamacpp.textout import TextOut
+
+
+@dataclass
+class Seq:
+    """One request being served in a slot."""
+
+    rid: str
+    prompt: list[int]
+    spec: Any
+    max_tokens: int
+    stops: list[str]
+    sampler: Any = None
+    out: TextOut = field(default_factory=lambda: TextOut([]))
+    cached: int = 0
+    generated: int = 0
+    last: int = -1
+    logits_at: int = -1
+    t_admit: int = 0
+    t_first: int = 0
+
+
+@dataclass
+class Slot:
+    """A KV-cache sequence id and the tokens it currently holds."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    seq: Seq | None = None
+    used_at: float = 0.0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Worker:
+    """The batching loop. All llama.cpp calls happen on this thread."""
+
+    def __init__(self, model: Any, chan: BlockingChannel, prefill_chunk: int) -> None:
+        self.m = model
+        self.chan = chan
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.slots = [Slot(i) for i in range(model.n_seq)]
+        self.waiting: deque[Seq] = deque()
+        self.embeds: deque[list[Any]] = deque()
+        self.prefill_chunk = prefill_chunk
+        self.out: list[bytes] = []
+        self.running = True
+
+    # -- messages -------------------------------------------------------------
+    def emit(self, *msg: Any) -> None:
+        self.out.append(pack(msg))
+
+    def flush(self) -> None:
+        if self.out:
+            self.chan.sock.sendall(b"".join(self.out))
+            self.out.clear()
+
+    def reader(self) -> None:
+        """Socket -> inbox (runs on its own thread)."""
+        while True:
+            msg = self.chan.recv()
+            if msg is None:
+                self.inbox.put(("quit",))
+                return
+            self.inbox.put(msg)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.embeds or any(s.seq for s in self.slots))
+
+    def drain(self) -> None:
+        block = not self.busy()
+        while True:
+            try:
+                msg = self.inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return
+            block = False
+            self.handle(msg)
+
+    def handle(self, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "gen":
+            self.on_gen(*msg[1:])
+        elif kind == "cancel":
+            self.on_cancel(msg[1])
+        elif kind == "embed":
+            self.embeds.append(list(msg[1:]) + [[], 0])
+        elif kind == "quit":
+            self.running = False
+
+    def on_gen(self, rid: str, prompt: str, add_special: bool, spec: Any,
+               max_tokens: int | None, stops: list[str]) -> None:
+        tokens = self.m.tokenize(prompt, add_special)
+        limit = self.m.n_ctx_seq
+        if not tokens:
+            self.emit("error", rid, "bad_request", "the prompt is empty after tokenization; send some text")
+            return
+        if len(tokens) >= limit or (max_tokens and len(tokens) + max_tokens > limit):
+            self.emit("error", rid, "context", (len(tokens), max_tokens or 0, limit))
+            return
+        try:
+            sampler = self.m.sampler(spec)
+        except ValueError as exc:
+            self.emit("error", rid, "bad_request", str(exc))
+            return
+        budget = limit - len(tokens)
+        seq = Seq(rid, tokens, spec, min(max_tokens or budget, budget), stops, sampler, TextOut(stops))
+        self.waiting.append(seq)
+        self.emit("accepted", rid, len(tokens))
+
+    def on_cancel(self, rid: str) -> None:
+        for seq in list(self.waiting):
+            if seq.rid == rid:
+                self.waiting.remove(seq)
+                self.m.free_sampler(seq.sampler)
+        for slot in self.slots:
+            if slot.seq and slot.seq.rid == rid:
+                self.release(slot)
+        for job in list(self.embeds):
+            if job[0] == rid:
+                self.embeds.remove(job)
+
+    # -- scheduling -------------------------------------------------------------
+    def admit(self) -> None:
+        free = [s for s in self.slots if s.seq is None]
+        while self.waiting and free:
+            seq = self.waiting.popleft()
+            best = max(free, key=lambda s: (common_prefix(s.tokens, seq.prompt), -s.used_at))
+            free.remove(best)
+            keep = min(common_prefix(best.tokens, seq.prompt), len(seq.prompt) - 1)
+            if not self.m.seq_rm(best.seq_id, keep, -1):
+                self.m.seq_rm(best.seq_id, -1, -1)
+                keep = 0
+            best.tokens = best.tokens[:keep]
+            seq.cached = keep
+            seq.t_admit = time.perf_counter_ns()
+            best.seq = seq
+
+    def release(self, slot: Slot) -> None:
+        if slot.seq is not None:
+            self.m.free_sampler(slot.seq.sampler)
+        slot.seq = None
+        slot.used_at = time.monotonic()
+
+    def build_batch(self) -> int:
+        m = self.m
+        m.batch_clear()
+        generating = [s for s in self.slots if s.seq and s.seq.last >= 0]
+        for slot in generating:
+            seq = slot.seq
+            assert seq is not None
+            seq.logits_at = m.batch_add(seq.last, len(slot.tokens), slot.seq_id, True)
+            slot.tokens.append(seq.last)
+        budget = m.batch_cap - len(generating)
+        if generating:
+            budget = min(budget, self.prefill_chunk)
+        prefilling = sorted((s for s in self.slots if s.seq and s.seq.last < 0), key=lambda s: s.seq.t_admit)
+        for slot in prefilling:
+            seq = slot.seq
+            assert seq is not None
+            seq.logits_at = -1
+            start = len(slot.tokens)
+            take = min(budget, len(seq.prompt) - start)
+            for pos in range(start, start + take):
+                last = pos == len(seq.prompt) - 1
+                idx = m.batch_add(seq.prompt[pos], pos, slot.seq_id, last)
+                if last:
+                    seq.logits_at = idx
+            slot.tokens.extend(seq.prompt[start:start + take])
+            budget -= take
+            if budget <= 0:
+                break
+        return m.batch.n_tokens
+
+    def step(self) -> None:
+        n = self.build_batch()
+        if n:
+            rc = self.m.decode()
+            if rc != 0:
+                self.fail_active(f"llama_decode failed (code {rc})")
+                return
+            for slot in self.slots:
+                seq = slot.seq
+                if seq is not None and seq.logits_at >= 0:
+                    self.sample(slot, seq)
+        if self.embeds:
+            self.embed_step()
+
+    def sample(self, slot: Slot, seq: Seq) -> None:
+        m = self.m
+        token = m.sample(seq.sampler, seq.logits_at)
+        now = time.perf_counter_ns()
+        if seq.last < 0:
+            seq.t_first = now
+        seq.logits_at = -1
+        if m.is_eog(token):
+            return self.finish(slot, seq, "stop")
+        seq.generated += 1
+        seq.last = token
+        text = seq.out.push(m.piece(token))
+        if text:
+            self.emit("text", seq.rid, text)
+        if seq.out.stopped:
+            return self.finish(slot, seq, "stop")
+        if seq.generated >= seq.max_tokens or len(slot.tokens) + 1 >= m.n_ctx_seq:
+            return self.finish(slot, seq, "length")
+
+    def finish(self, slot: Slot, seq: Seq, reason: str) -> None:
+        tail = seq.out.flush()
+        if tail:
+            self.emit("text", seq.rid, tail)
+        end = time.perf_counter_ns()
+        first = seq.t_first or end
+        usage = {
+            "prompt_tokens": len(seq.prompt),
+            "completion_tokens": seq.generated,
+            "cached_tokens": seq.cached,
+            "prompt_ns": first - seq.t_admit,
+            "generate_ns": end - first,
+        }
+        self.emit("done", seq.rid, reason, usage)
+        self.release(slot)
+
+    def fail_active(self, message: str) -> None:
+        for slot in self.slots:
+            if slot.seq is not None:
+                self.emit("error", slot.seq.rid, "engine", message)
+                self.m.seq_rm(slot.seq_id, -1, -1)
+                slot.tokens = []
+                self.release(slot)
+
+    def embed_step(self) -> None:
+        """Embed one text of the oldest embedding job (generation waits one step at most)."""
+        job = self.embeds[0]
+        rid, texts, truncate, vectors, total = job
+        try:
+            vec, n = self.m.embed_one(texts[len(vectors)], truncate)
+        except OverflowError as exc:
+            self.embeds.popleft()
+            self.emit("error", rid, "context", (int(exc.args[0]), 0, self.m.n_ctx_seq))
+            return
+        vectors.append(vec)
+        job[4] = total + n
+        if len(vectors) == len(texts):
+            self.embeds.popleft()
+            self.emit("embedding", rid, vectors, job[4])
+
+    def run(self) -> None:
+        threading.Thread(target=self.reader, daemon=True).start()
+        while self.running:
+            self.drain()
+            if not self.running:
+                break
+            self.admit()
+            self.step()
+            self.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="hearth llama.cpp worker (started by the gateway)")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    chan = BlockingChannel(sock)
+    from hearth.engines.llamacpp import native
+
+    native.silence_logs()
+    try:
+        model = native.Model(args.model, args.slots, args.ctx, args.batch, args.threads)
+    except Exception as exc:  # reported to the gateway, then exit
+        chan.send(("fatal", f"{type(exc).__name__}: {exc}"))
+        sys.exit(1)
+    chan.send(("ready", model.describe()))
+    Worker(model, chan, args.prefill_chunk).run()
+
+
+if __name__ == "__main__":
+    main()

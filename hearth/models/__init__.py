@@ -1,0 +1,1 @@
+"""The model store: bundled model, GGUF metadata."""

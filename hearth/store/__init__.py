@@ -1,0 +1,1 @@
+"""Persistent state: keys, usage (SQLite)."""
