@@ -7,9 +7,12 @@ import dataclasses
 import uuid
 from dataclasses import dataclass
 
+from collections.abc import AsyncIterator
+
+from hearth.core import record
 from hearth.core.engine import Engine, Generation
 from hearth.core.structured import check_enforceable, validate_output
-from hearth.core.types import GenerateRequest, ModelInfo, Usage
+from hearth.core.types import Chunk, GenerateRequest, ModelInfo, Usage
 
 
 def new_id(prefix: str) -> str:
@@ -23,9 +26,34 @@ def check_request(req: GenerateRequest) -> None:
         check_enforceable(req.response_format.schema)
 
 
+class Observed:
+    """A generation that notes first token and usage in the request record."""
+
+    def __init__(self, gen: Generation, count_prompt: bool) -> None:
+        self.gen = gen
+        self.prompt_tokens = gen.prompt_tokens
+        self.count_prompt = count_prompt
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[Chunk]:
+        async for chunk in self.gen:
+            if chunk.text:
+                record.note_first_token()
+            if chunk.usage is not None:
+                u = chunk.usage
+                record.note_usage(u if self.count_prompt else Usage(completion_tokens=u.completion_tokens))
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.gen.aclose()
+
+
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
     check_request(req)
+    record.note_model(info)
     gens: list[Generation] = []
     try:
         for i in range(n):
@@ -35,7 +63,7 @@ async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 
                     req.sampling, seed=None if req.sampling.seed is None else req.sampling.seed + i
                 ),
             )
-            gens.append(await engine.generate(info, one))
+            gens.append(Observed(await engine.generate(info, one), count_prompt=i == 0))
     except BaseException:
         for g in gens:
             await g.aclose()
