@@ -1,0 +1,41 @@
+"""Privacy policy: which upstream addresses are on this box or its network.
+
+An upstream is *local* when its host is loopback, private or link-local (or a
+name that can only mean a machine on the local network). Anything else is a
+*cloud* upstream: prompts sent there leave the box, so hearth refuses it unless
+the configuration says `cloud = true`, and never uses it as a fallback.
+
+No DNS lookups happen here: a public-looking host name counts as cloud. A LAN
+machine with a public-looking DNS name should be configured by its IP address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+LOCAL_SUFFIXES = (".localhost", ".local", ".lan", ".internal", ".home.arpa", ".localdomain")
+
+
+def url_host(url: str) -> str:
+    """The host part of an http(s) URL, lower-cased, without brackets."""
+    return (urlsplit(url).hostname or "").lower()
+
+
+def is_local_host(host: str) -> bool:
+    """True for loopback, private and link-local addresses and LAN-only names."""
+    host = host.strip("[]").lower()
+    if not host:
+        return False
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost" or "." not in host or host.endswith(LOCAL_SUFFIXES)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback or addr.is_private or addr.is_link_local
+
+
+def is_cloud_url(url: str) -> bool:
+    """True when requests to `url` would leave this machine's network."""
+    return not is_local_host(url_host(url))
