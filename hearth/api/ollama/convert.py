@@ -49,7 +49,7 @@ def rfc3339(ts: float) -> str:
 def _go_duration(text: str) -> float | None:
     """Seconds in a Go duration string ("1h30m", "-5m", "250ms"); None if not one."""
     sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
+    body = text[1:] if text[:1] in ("-", "+") else text
     if not body:
         return None
     pos = 0
