@@ -19,9 +19,9 @@ from hearth.api.openai import convert as openai_convert
 from hearth.api.openai import routes as openai_routes
 from hearth.core.engine import Engine
 from hearth.core.errors import BadRequest, HearthError, NotFound
-from hearth.core.router import Router
+from hearth.core.router import AliasError, Router
 from hearth.core.types import GenerateRequest
-from hearth.settings import BUNDLED_MODEL, Settings
+from hearth.settings import BUNDLED_MODEL, Settings, SettingsError
 
 log = logging.getLogger("hearth")
 
@@ -105,19 +105,24 @@ def create_app(settings: Settings, engines: list[Engine] | None = None, extra_ro
         from hearth.engines.registry import build_engines
 
         engines = build_engines(settings)
-    default, aliases = settings.default_model, dict(settings.aliases)
+    default, aliases = settings.default_model, settings.alias_targets
     if settings.fake:  # the fake engine stands in for the bundled model
         swap = {BUNDLED_MODEL: "fake:latest"}
         default = swap.get(default, default)
         aliases = {k: swap.get(v, v) for k, v in aliases.items()}
-    router = Router(engines, default, aliases)
+    router = Router(engines, default, aliases, settings.alias_dimensions)
     state = AppState(settings=settings, router=router, engines=engines)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for engine in engines:
             await engine.start()
-        await router.refresh()
+        try:
+            await router.check_aliases()
+        except AliasError as exc:
+            for engine in engines:
+                await engine.close()
+            raise SettingsError(exc.message) from None
         try:
             yield
         finally:

@@ -12,7 +12,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,6 +41,70 @@ class ModelEntry(BaseModel):
     )
 
 
+class UpstreamTimeouts(BaseModel):
+    """How long hearth waits on an upstream, in seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+    connect: float = Field(5.0, gt=0, description="Opening a TCP connection to a replica.")
+    first_token: float = Field(120.0, gt=0, description="From sending a request to its first token.")
+    idle: float = Field(60.0, gt=0, description="Longest silence between two chunks of a stream.")
+
+
+class UpstreamModel(BaseModel):
+    """A model an upstream serves, declared instead of discovered."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="The model's name on the upstream.")
+    context_length: int = Field(0, ge=0, description="Context size in tokens (0 = unknown).")
+    embedding: bool = Field(False, description="True for an embedding model.")
+    dimension: int | None = Field(None, ge=1, description="Native embedding dimension, if known.")
+
+
+class ManagedUpstream(BaseModel):
+    """A server hearth starts on first use and stops after its keep-alive."""
+
+    model_config = ConfigDict(extra="forbid")
+    command: list[str] = Field(
+        min_length=1,
+        description="Command line; {port}, {host} and {model_path} are substituted.",
+    )
+    model_path: Path | None = Field(None, description="Substituted for {model_path} (e.g. a GGUF file).")
+    keep_alive: float = Field(300.0, description="Idle seconds before the server is stopped (negative = never).")
+    ready_path: str | None = Field(None, description="GET path that answers 200 when ready (default per kind).")
+    startup_timeout: float = Field(180.0, gt=0, description="Seconds to wait for the server to become ready.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the server.")
+
+
+class UpstreamEntry(BaseModel):
+    """An OpenAI-compatible or native Ollama server hearth forwards requests to."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["openai", "ollama"] = Field(description="openai (any /v1 server) or ollama (native /api).")
+    urls: list[str] = Field(default_factory=list, description="Replica base URLs (without /v1).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+    api_key_file: Path | None = Field(None, description="File holding the API key.")
+    timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    models: list[str | UpstreamModel] = Field(
+        default_factory=list, description="Models served (empty = discover them from the upstream)."
+    )
+    cloud: bool = Field(False, description="Allow a host outside this machine's network (prompts leave the box).")
+    strict: bool = Field(False, description="Always answer 502 when structured output fails its schema.")
+    drop_params: list[str] = Field(
+        default_factory=list, description="Sampling parameters never forwarded to this upstream."
+    )
+    health_interval: float = Field(5.0, gt=0, description="Seconds between health checks of each replica.")
+    refresh: float = Field(60.0, gt=0, description="Seconds between model list refreshes.")
+    managed: ManagedUpstream | None = Field(None, description="Start this server on first use.")
+
+
+class AliasEntry(BaseModel):
+    """An alias with requirements: `[aliases.embed] target = "..." dimension = 1024`."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: str = Field(description="The served model (`name` or `name@upstream`).")
+    dimension: int | None = Field(None, ge=1, description="Required embedding dimension.")
+
+
 class Settings(BaseSettings):
     """Every setting hearth has. Field descriptions are the documentation."""
 
@@ -53,20 +117,42 @@ class Settings(BaseSettings):
     models: dict[str, ModelEntry] = Field(
         default_factory=dict, description="Extra GGUF files to serve, as name = {path = ...}."
     )
-    aliases: dict[str, str] = Field(
+    aliases: dict[str, str | AliasEntry] = Field(
         default_factory=lambda: {"main": BUNDLED_MODEL, "fast": BUNDLED_MODEL, "embed": BUNDLED_MODEL},
-        description="Public model names mapped to served models.",
+        description="Public model names mapped to served models (`name`, `name@upstream`, or a table "
+                    "with target and dimension).",
+    )
+    upstreams: dict[str, UpstreamEntry] = Field(
+        default_factory=dict, description="Other servers to route to, as name = {kind, urls, ...}."
     )
     threads: int = Field(0, ge=0, description="CPU threads for the in-box engine (0 = physical cores).")
     slots: int = Field(8, ge=1, le=256, description="Sequences the in-box engine decodes together.")
     ctx_per_slot: int = Field(4096, ge=256, description="Context length of each slot, in tokens.")
     batch_size: int = Field(512, ge=32, description="Most tokens fed to one decode step.")
+    deterministic: bool = Field(
+        True,
+        description="Same seed, same output whatever else is batched (turns off llama.cpp weight "
+        "repacking: ~10% slower decode, slower prompt reading).",
+    )
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before 429.")
     keep_alive: float = Field(300.0, description="Seconds an idle model stays loaded (negative = forever).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     max_tokens_limit: int = Field(0, ge=0, description="Cap on max_tokens per request (0 = context size).")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest total size of request headers (431 above).")
+    stream_idle_timeout: float = Field(
+        300.0, ge=0, description="Seconds a streamed response may stay silent before it is ended with an "
+        "error (0 = no bound).")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call the API (CORS); empty = CORS off.")
+    loopback_needs_key: bool = Field(
+        True, description="Once any key exists, clients on this machine need one too (false lets loopback in "
+        "without a key; unsafe behind a reverse proxy on the same machine).")
+    rate_window: float = Field(60.0, gt=0, description="Seconds a key's --rpm counts requests over.")
+    token_window: float = Field(86400.0, gt=0, description="Seconds a key's --tokens-per-day counts tokens over.")
     fake: bool = Field(False, description="Serve a scripted fake engine instead of real models (for tests).")
     allow_network: bool = Field(False, description="Allow downloads from the network (model pulls).")
+    hf_endpoint: str = Field("https://huggingface.co", description="Hugging Face base URL for model pulls.")
+    ollama_registry: str = Field("https://registry.ollama.ai", description="Ollama registry base URL for pulls.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @classmethod
@@ -81,6 +167,16 @@ class Settings(BaseSettings):
         # `load_settings` merges flags, env and hearth.toml itself so that it
         # can say where each value came from; only init data is read here.
         return (init_settings,)
+
+    @property
+    def alias_targets(self) -> dict[str, str]:
+        """Alias -> target model name (`name` or `name@upstream`)."""
+        return {k: v if isinstance(v, str) else v.target for k, v in self.aliases.items()}
+
+    @property
+    def alias_dimensions(self) -> dict[str, int]:
+        """Alias -> required embedding dimension, for aliases that declare one."""
+        return {k: v.dimension for k, v in self.aliases.items() if isinstance(v, AliasEntry) and v.dimension}
 
     @property
     def models_dir(self) -> Path:
@@ -163,6 +259,7 @@ def load_settings(
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise SettingsError(f"setting {loc!r}: {err['msg']} (got {err.get('input')!r})") from None
+    check_upstreams(settings)
     sources: dict[str, str] = {}
     for name in fields:
         if name in flags:
@@ -174,6 +271,46 @@ def load_settings(
         else:
             sources[name] = "default"
     return LoadedSettings(settings=settings, sources=sources, config_path=path)
+
+
+def check_upstreams(settings: Settings) -> None:
+    """Refuse upstreams and aliases that cannot work, one readable line each."""
+    from hearth.core.privacy import is_cloud_url
+
+    for name, up in settings.upstreams.items():
+        where = f"[upstreams.{name}]"
+        if "@" in name or ":" in name:
+            raise SettingsError(f"{where}: upstream names may not contain '@' or ':'; rename it")
+        if not up.urls and up.managed is None:
+            raise SettingsError(f"{where} has no urls; add urls = [\"http://host:port\"] or a managed command")
+        if up.urls and up.managed is not None:
+            raise SettingsError(f"{where} has both urls and managed; a managed upstream gets its URL from hearth")
+        if up.managed is not None and not up.models:
+            raise SettingsError(f"{where} is managed but lists no models; add models = [\"name\"] "
+                                "(it starts on first use, so hearth cannot ask it)")
+        if up.api_key_env and up.api_key_file:
+            raise SettingsError(f"{where} sets both api_key_env and api_key_file; keep one")
+        for url in up.urls:
+            if not url.startswith(("http://", "https://")):
+                raise SettingsError(f"{where}: url {url!r} must start with http:// or https://")
+            if is_cloud_url(url) and not up.cloud:
+                raise SettingsError(
+                    f"{where}: {url} is not on this machine or a private network, so prompts would leave "
+                    "the box; add cloud = true to that table if this is intended"
+                )
+    for alias, target in settings.alias_targets.items():
+        model, _, upstream = target.rpartition("@")
+        if not model:
+            continue
+        up = settings.upstreams.get(upstream)
+        if up is None:
+            known = ", ".join(sorted(settings.upstreams)) or "none declared"
+            raise SettingsError(f"alias {alias!r} points to {target!r}, but there is no upstream {upstream!r} "
+                                f"(upstreams: {known}); fix the alias or add [upstreams.{upstream}]")
+        names = [m if isinstance(m, str) else m.name for m in up.models]
+        if names and model.removesuffix(":latest") not in {n.removesuffix(":latest") for n in names}:
+            raise SettingsError(f"alias {alias!r} points to {target!r}, but upstream {upstream!r} lists only "
+                                f"{', '.join(names)}; fix the alias or add the model to its models")
 
 
 def _env_value(raw: str) -> Any:

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(config)
     config.add_argument("--json", action="store_true", help="machine-readable output")
     config.set_defaults(func=cmd_config)
+
+    from hearth.cli import hw as hw_cli
+    from hearth.cli import models as models_cli
+
+    models_cli.add_parser(sub)
+    hw_cli.add_parser(sub)
     return parser
 
 

@@ -50,6 +50,7 @@ async def _run(settings: Settings) -> int:
         http="httptools",
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=5,
+        lifespan="off",  # run below, so that a startup SettingsError is one readable line
     )
     server = uvicorn.Server(config)
 
@@ -64,11 +65,12 @@ async def _run(settings: Settings) -> int:
                 port = sock.getsockname()[1]
         print(banner(settings, port), flush=True)
 
-    watcher = asyncio.ensure_future(announce())
-    try:
-        await server.serve()
-    finally:
-        watcher.cancel()
+    async with app.router.lifespan_context(app):
+        watcher = asyncio.ensure_future(announce())
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
     return 0 if server.started else 1
 
 

@@ -26,6 +26,7 @@ class RequestRecord:
     key_name: str | None = None
     model: str | None = None
     engine: str | None = None
+    cloud: bool = False  # the request was sent to a cloud upstream (prompts left the box)
     status: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -68,6 +69,7 @@ def note_model(info: ModelInfo) -> None:
     if rec is not None:
         rec.model = info.id
         rec.engine = info.engine
+        rec.cloud = bool(info.metadata.get("cloud"))
 
 
 def note_first_token() -> None:

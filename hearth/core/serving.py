@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from hearth.core import record
 from hearth.core.engine import Engine, Generation
-from hearth.core.structured import check_enforceable, validate_output
+from hearth.core.structured import check_enforceable, check_schema, validate_output
 from hearth.core.types import Chunk, GenerateRequest, ModelInfo, Usage
 
 
@@ -20,10 +20,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def check_request(req: GenerateRequest) -> None:
-    """Fail closed on structured-output schemas no grammar can enforce."""
-    if req.response_format.type == "json_schema":
+def check_request(req: GenerateRequest, grammar: bool = True) -> None:
+    """Fail closed on structured-output schemas no grammar can enforce.
+
+    Engines that pass the schema through to an upstream (`passes_format_through`)
+    only need a valid schema: the upstream enforces it and hearth validates the result.
+    """
+    if req.response_format.type != "json_schema":
+        return
+    if grammar:
         check_enforceable(req.response_format.schema)
+    else:
+        check_schema(req.response_format.schema)
 
 
 class Observed:
@@ -52,7 +60,7 @@ class Observed:
 
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
-    check_request(req)
+    check_request(req, grammar=not getattr(engine, "passes_format_through", False))
     record.note_model(info)
     gens: list[Generation] = []
     try:

@@ -12,8 +12,12 @@ from typing import Any
 
 import jsonschema
 
+import logging
+
 from hearth.core.errors import BadRequest, HearthError
 from hearth.core.types import ResponseFormat
+
+log = logging.getLogger("hearth.structured")
 
 # Keywords the GBNF converter enforces exactly.
 ENFORCED = {
@@ -69,6 +73,37 @@ def check_enforceable(schema: Any, path: str = "$") -> None:
                          param="response_format") from None
 
 
+def check_schema(schema: Any) -> None:
+    """Raise BadRequest unless `schema` is a valid JSON schema (any keywords)."""
+    if not isinstance(schema, (dict, bool)):
+        raise BadRequest(f"response_format schema must be an object, got {type(schema).__name__}",
+                         param="response_format")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise BadRequest(f"response_format schema is not a valid JSON schema: {exc.message}",
+                         param="response_format") from None
+
+
+def output_problem(text: str, fmt: ResponseFormat) -> str | None:
+    """Why `text` does not satisfy `fmt` (None when it does)."""
+    if fmt.type == "text":
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"the output is not valid JSON: {exc}"
+    if fmt.type == "json" and not isinstance(value, dict):
+        return "the output is JSON but not an object"
+    if fmt.type == "json_schema" and fmt.schema is not None:
+        try:
+            jsonschema.validate(value, fmt.schema)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+            return f"the output does not match the schema at {where}: {exc.message}"
+    return None
+
+
 class StructuredOutputError(HearthError):
     """The model's output did not satisfy the requested format."""
 
@@ -78,8 +113,17 @@ class StructuredOutputError(HearthError):
 
 
 def validate_output(text: str, fmt: ResponseFormat, finish_reason: str | None) -> None:
-    """Raise if `text` is not JSON (matching the schema) when JSON was requested."""
+    """Raise if `text` is not JSON (matching the schema) when JSON was requested.
+
+    A request that asked for `strict: false` gets invalid output as a success
+    (with a warning in the log); the length check applies either way.
+    """
     if fmt.type == "text":
+        return
+    if not fmt.strict and finish_reason != "length":
+        problem = output_problem(text, fmt)
+        if problem:
+            log.warning("returning structured output that failed validation (strict: false): %s", problem)
         return
     if finish_reason == "length":
         raise StructuredOutputError(

@@ -1,0 +1,1 @@
+"""Upstream engines: OpenAI-compatible and native Ollama servers, replicas, managed children."""

@@ -1,0 +1,35 @@
+"""Build upstream engines from `[upstreams.*]`, reading API keys (never logging them)."""
+
+from __future__ import annotations
+
+import os
+
+from hearth.engines.upstream.engine import Secret, UpstreamEngine
+from hearth.settings import Settings, SettingsError, UpstreamEntry
+
+
+def read_api_key(name: str, cfg: UpstreamEntry, env: dict[str, str] | None = None) -> Secret | None:
+    """The upstream's API key from its env var or file; a SettingsError if named but missing."""
+    env = dict(os.environ) if env is None else env
+    where = f"[upstreams.{name}]"
+    if cfg.api_key_env:
+        value = env.get(cfg.api_key_env, "").strip()
+        if not value:
+            raise SettingsError(f"{where}: api_key_env names {cfg.api_key_env}, which is not set or empty; "
+                                "export it before starting hearth")
+        return Secret(value)
+    if cfg.api_key_file:
+        path = cfg.api_key_file.expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"{where}: cannot read api_key_file {path}: {exc.strerror}") from None
+        if not value:
+            raise SettingsError(f"{where}: api_key_file {path} is empty")
+        return Secret(value)
+    return None
+
+
+def build_upstreams(settings: Settings) -> list[UpstreamEngine]:
+    """One engine per configured upstream, in config order."""
+    return [UpstreamEngine(name, cfg, read_api_key(name, cfg)) for name, cfg in settings.upstreams.items()]

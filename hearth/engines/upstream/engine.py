@@ -1,0 +1,452 @@
+"""An engine that forwards requests to another server (kind `openai` or `ollama`).
+
+Requests go to the least busy healthy replica. A failure before the response
+starts (refused connection, timeout, 5xx) is retried on another replica; once
+chunks have reached the caller nothing is retried, the stream ends in a clean
+error instead. Every upstream answers in the core types, so its models are
+served through both of hearth's dialects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from hearth.core import record
+from hearth.core.errors import BadRequest, EngineUnavailable, HearthError, NotFound, RateLimited, UpstreamError
+from hearth.core.structured import output_problem
+from hearth.core.types import (
+    Chunk,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    LoadedModel,
+    ModelInfo,
+)
+from hearth.engines.upstream.managed import ManagedServer
+from hearth.engines.upstream.ollama import OllamaWire
+from hearth.engines.upstream.openai import OpenAIWire
+from hearth.engines.upstream.replicas import Replica, ReplicaPool, describe
+from hearth.settings import UpstreamEntry, UpstreamModel
+
+log = logging.getLogger("hearth.upstream")
+audit = logging.getLogger("hearth.cloud")
+RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError)
+
+
+class Secret:
+    """An API key that never shows up in logs or reprs."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+class UpstreamEngine:
+    """Serves the models of one upstream (one or more replica URLs, or a managed child)."""
+
+    passes_format_through = True  # the upstream enforces schemas; hearth validates the result
+
+    def __init__(self, name: str, cfg: UpstreamEntry, api_key: Secret | None = None) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.cloud = cfg.cloud
+        self.wire: OpenAIWire | OllamaWire = OpenAIWire(cfg.cloud) if cfg.kind == "openai" else OllamaWire(cfg.cloud)
+        self.pool = ReplicaPool(name, cfg.urls or ["http://127.0.0.1:0"])
+        self.managed = ManagedServer(name, cfg.managed, self.wire.managed_ready_path, self._probe_url) \
+            if cfg.managed else None
+        self.discovery_error: str | None = None
+        self._headers = {"Content-Type": "application/json"}
+        if api_key is not None:
+            self._headers["Authorization"] = f"Bearer {api_key.reveal()}"
+        self._drop = set(cfg.drop_params)
+        self._dropped_logged: set[str] = set()
+        self._models: dict[str, ModelInfo] = {}
+        self._declared = [m if isinstance(m, UpstreamModel) else UpstreamModel(name=m) for m in cfg.models]
+        self._refreshed = 0.0
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the connection pool, learn the models, start health checks."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+        self._set_models(self._declared)
+        if not self._declared:
+            await self._discover()
+        if self.managed is None and not self.cloud:
+            self.pool.start_health_checks(self._probe_replica, self.cfg.health_interval)
+
+    async def close(self) -> None:
+        """Stop health checks, a managed child, and the connection pool."""
+        await self.pool.stop()
+        if self.managed is not None:
+            await self.managed.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise EngineUnavailable(f"upstream {self.name!r} is not started")
+        return self._session
+
+    # -- models ----------------------------------------------------------------------
+
+    def _model_id(self, upstream_name: str) -> str:
+        """Public id: cloud models always carry `@upstream` so they never shadow local ones."""
+        return f"{upstream_name}@{self.name}" if self.cloud else upstream_name
+
+    def _set_models(self, models: list[UpstreamModel]) -> None:
+        table: dict[str, ModelInfo] = {}
+        for m in models:
+            caps = ["embedding"] if m.embedding else ["completion"]
+            info = ModelInfo(
+                id=self._model_id(m.name), engine=self.name, context_length=m.context_length,
+                owned_by=self.name, embedding_dimension=m.dimension, capabilities=caps,
+                metadata={"upstream": self.name, "upstream_model": m.name, "cloud": self.cloud,
+                          "kind": self.cfg.kind},
+            )
+            old = self._models.get(info.id)
+            if old is not None and old.embedding_dimension and not info.embedding_dimension:
+                info.embedding_dimension = old.embedding_dimension
+            table[info.id] = info
+        self._models = table
+
+    async def _discover(self) -> None:
+        """Ask a replica for its model list (keeps the old list on failure)."""
+        self._refreshed = time.monotonic()
+        path = self.wire.models_path
+        try:
+            data = await self._get_json(path)
+        except (HearthError, *RETRYABLE) as exc:
+            reason = exc.message if isinstance(exc, HearthError) else describe(exc)
+            self.discovery_error = reason
+            log.warning("upstream %s: could not list models: %s", self.name, reason)
+            return
+        self.discovery_error = None
+        self._set_models(self.wire.model_list(data))
+        log.info("upstream %s serves %d models", self.name, len(self._models))
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Declared models, or discovered ones (refreshed every `refresh` seconds)."""
+        if not self._declared:
+            age = time.monotonic() - self._refreshed
+            if age > self.cfg.refresh or (self.discovery_error and age > 5.0):
+                await self._discover()
+        return list(self._models.values())
+
+    def _upstream_model(self, model: ModelInfo) -> str:
+        return str(model.metadata.get("upstream_model") or model.id)
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    async def _base_url(self, replica: Replica) -> str:
+        if self.managed is not None:
+            replica.url = await self.managed.ensure()
+        return replica.url
+
+    async def _probe_url(self, url: str) -> bool:
+        try:
+            async with asyncio.timeout(self.cfg.timeouts.connect):
+                async with self.session.get(url, headers=self._headers) as resp:
+                    return resp.status == 200
+        except RETRYABLE:
+            return False
+
+    async def _probe_replica(self, replica: Replica) -> None:
+        async with asyncio.timeout(self.cfg.timeouts.connect):
+            async with self.session.get(replica.url + self.wire.health_path, headers=self._headers) as resp:
+                if resp.status >= 500:
+                    raise UpstreamError(f"health check answered HTTP {resp.status}")
+
+    async def _get_json(self, path: str) -> Any:
+        """GET a JSON document from the first replica that answers it."""
+        tried: set[Replica] = set()
+        errors: list[str] = []
+        while (replica := self.pool.pick(tried)) is not None:
+            tried.add(replica)
+            try:
+                async with asyncio.timeout(self.cfg.timeouts.first_token):
+                    async with self.session.get(replica.url + path, headers=self._headers) as resp:
+                        if resp.status == 200:
+                            return orjson.loads(await resp.read())
+                        errors.append(f"{replica.url}: GET {path} answered HTTP {resp.status}")
+            except (orjson.JSONDecodeError, *RETRYABLE) as exc:
+                errors.append(f"{replica.url}: {describe(exc)}")
+        raise UpstreamError("; ".join(errors))
+
+    async def _open(self, path: str, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
+        """POST to the least busy replica; fail over while nothing has been received."""
+        tried: set[Replica] = set()
+        errors: list[str] = []
+        while (replica := self.pool.pick(tried)) is not None:
+            tried.add(replica)
+            self.pool.acquire(replica)
+            try:
+                base = await self._base_url(replica)
+                async with asyncio.timeout(self.cfg.timeouts.first_token):
+                    resp = await self.session.post(base + path, data=body, headers=self._headers)
+            except RETRYABLE as exc:
+                self.pool.release(replica)
+                reason = "no answer within timeouts.first_token" if isinstance(exc, TimeoutError) else describe(exc)
+                self._fail(replica, reason, errors)
+                continue
+            except BaseException:
+                self.pool.release(replica)
+                raise
+            if resp.status < 400:
+                return replica, resp
+            self.pool.release(replica)
+            message = await _error_text(resp)
+            if resp.status >= 500:
+                self._fail(replica, f"HTTP {resp.status}: {message}", errors)
+                continue
+            raise self._client_error(resp.status, message, resp.headers.get("Retry-After"))
+        raise EngineUnavailable(
+            f"upstream {self.name!r} is unavailable: {'; '.join(errors) or 'no replicas'}; "
+            "check that it is running and its urls in hearth.toml",
+            retry_after=5,
+        )
+
+    def _fail(self, replica: Replica, reason: str, errors: list[str]) -> None:
+        log.warning("upstream %s: %s failed before answering: %s", self.name, replica.url, reason)
+        errors.append(f"{replica.url}: {reason}")
+        self.pool.failed(replica, reason)
+
+    def _client_error(self, status: int, message: str, retry_after: str | None) -> HearthError:
+        text = f"upstream {self.name!r} refused the request (HTTP {status}): {message}"
+        if status == 404:
+            return NotFound(text)
+        if status == 429:
+            return RateLimited(text, retry_after=int(retry_after) if (retry_after or "").isdigit() else 5)
+        if status in (401, 403):
+            return UpstreamError(text + "; check the upstream's api_key_env / api_key_file")
+        return BadRequest(text)
+
+    def _dropper(self, model: str) -> Any:
+        def drop(param: str) -> None:
+            if param not in self._dropped_logged:
+                self._dropped_logged.add(param)
+                log.info("upstream %s does not support %r; dropping it (model %s; logged once)",
+                         self.name, param, model)
+        return drop
+
+    # -- Engine protocol -------------------------------------------------------------
+
+    async def generate(self, model: ModelInfo, req: GenerateRequest) -> UpstreamGeneration:
+        """Send the request; returns once the upstream has started answering."""
+        name = self._upstream_model(model)
+        path, body = self.wire.generate_body(name, self._without_dropped(req), self._dropper(name))
+        replica, resp = await self._open(path, body)
+        if self.managed is not None:
+            self.managed.busy += 1
+        return UpstreamGeneration(self, replica, resp, req, name)
+
+    def _without_dropped(self, req: GenerateRequest) -> GenerateRequest:
+        if not self._drop:
+            return req
+        s = req.sampling
+        cleared = {f: None for f in self._drop if hasattr(s, f) and getattr(s, f) not in (None, {})}
+        for f in cleared:
+            self._dropper(req.model)(f)
+        return dataclasses.replace(req, sampling=dataclasses.replace(s, **cleared)) if cleared else req
+
+    async def embed(self, model: ModelInfo, req: EmbedRequest) -> EmbedResult:
+        """Embed through the upstream; vectors are L2-normalised."""
+        t0 = time.perf_counter_ns()
+        path, body = self.wire.embed_body(self._upstream_model(model), req)
+        replica, resp = await self._open(path, body)
+        try:
+            async with asyncio.timeout(self.cfg.timeouts.idle):
+                data = orjson.loads(await resp.read())
+            vectors, tokens = self.wire.embed_result(data)
+        except (UpstreamError, orjson.JSONDecodeError, *RETRYABLE) as exc:
+            raise UpstreamError(f"upstream {self.name!r} sent a broken embeddings answer: {describe(exc)}") from None
+        finally:
+            resp.release()
+            self.pool.release(replica)
+        self.pool.succeeded(replica)
+        if vectors and model.embedding_dimension is None:
+            model.embedding_dimension = len(vectors[0])
+        self._audit(model.id, tokens, 0, "ok")
+        return EmbedResult(vectors=[_normalised(v) for v in vectors], prompt_tokens=tokens, model=model.id,
+                           total_ns=time.perf_counter_ns() - t0)
+
+    async def ready(self) -> bool:
+        """True once started: a down upstream makes its models answer 503, not hearth."""
+        return self._session is not None
+
+    async def loaded(self) -> list[LoadedModel]:
+        """A managed child that is running shows its models (for /api/ps and `hearth ps`)."""
+        m = self.managed
+        if m is None or not m.running:
+            return []
+        size = 0
+        if m.cfg.model_path is not None and m.cfg.model_path.expanduser().is_file():
+            size = m.cfg.model_path.expanduser().stat().st_size
+        return [LoadedModel(info.id, size, info.context_length, m.expires_at()) for info in self._models.values()]
+
+    async def load(self, model: ModelInfo, keep_alive: float | None) -> float:
+        """Start a managed child now; other upstreams load on their own."""
+        t0 = time.perf_counter()
+        if self.managed is not None:
+            await self.managed.ensure()
+        return time.perf_counter() - t0
+
+    async def unload(self, model: ModelInfo) -> None:
+        """Stop a managed child now."""
+        if self.managed is not None:
+            await self.managed.stop()
+
+    def _audit(self, model: str, prompt_tokens: int, completion_tokens: int, outcome: str) -> None:
+        """One line per cloud request: who, where, how much; never content."""
+        if not self.cloud:
+            return
+        rec = record.current()
+        audit.info("cloud request upstream=%s model=%s caller=%s prompt_tokens=%d completion_tokens=%d outcome=%s",
+                   self.name, model, (rec.key_name if rec else None) or "-", prompt_tokens, completion_tokens, outcome)
+
+
+async def _error_text(resp: aiohttp.ClientResponse) -> str:
+    """The message of an upstream's error answer, short."""
+    try:
+        raw = await resp.read()
+    except RETRYABLE as exc:
+        return describe(exc)
+    finally:
+        resp.release()
+    try:
+        data = orjson.loads(raw)
+        err = data.get("error", data) if isinstance(data, dict) else data
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        return str(msg)[:300]
+    except orjson.JSONDecodeError:
+        return raw.decode(errors="replace").strip()[:300] or "(empty body)"
+
+
+def _normalised(vec: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+    return [x / norm for x in vec]
+
+
+class UpstreamGeneration:
+    """Chunks of one upstream stream; closing early drops the connection (the upstream stops)."""
+
+    prompt_tokens = 0  # known only at the end; the final chunk's usage carries it
+
+    def __init__(self, engine: UpstreamEngine, replica: Replica, resp: aiohttp.ClientResponse,
+                 req: GenerateRequest, model: str) -> None:
+        self.engine = engine
+        self.replica = replica
+        self.resp = resp
+        self.req = req
+        self.model = model
+        self.parser = engine.wire.parser(req.messages is not None)
+        self._open = True
+        self._t0 = time.perf_counter_ns()
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[Chunk]:
+        eng, parser = self.engine, self.parser
+        texts: list[str] = []
+        try:
+            async for text in self._texts():
+                texts.append(text)
+                yield Chunk(text=text)
+            eng.pool.succeeded(self.replica)
+            self._check_format("".join(texts), parser.finish or "stop")
+            usage = parser.final_usage()
+            usage.total_ns = usage.total_ns or time.perf_counter_ns() - self._t0
+            eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
+            yield Chunk(finish_reason=parser.finish or "stop", usage=usage)  # type: ignore[arg-type]
+        except HearthError:
+            eng._audit(self.model, 0, parser.pieces, "error")
+            raise
+        finally:
+            await self.aclose()
+
+    async def _texts(self) -> AsyncIterator[str]:
+        """Text pieces, with the first-token and idle timeouts and clean errors."""
+        eng, parser, content = self.engine, self.parser, self.resp.content
+        t = eng.cfg.timeouts
+        deadline = time.monotonic() + t.first_token
+        started = False
+        while True:
+            try:
+                async with asyncio.timeout(t.idle if started else max(0.0, deadline - time.monotonic())):
+                    line = await content.readline()
+            except TimeoutError:
+                what = f"sent nothing for {t.idle:g}s (timeouts.idle)" if started else \
+                    f"sent no token within {t.first_token:g}s (timeouts.first_token)"
+                raise self._broken(what, status=504) from None
+            except RETRYABLE as exc:
+                raise self._broken(f"broke the connection: {describe(exc)}") from None
+            if not line:
+                if parser.done or parser.finish:
+                    return
+                raise self._broken("closed the stream before finishing")
+            try:
+                text = parser.feed(line)
+            except UpstreamError as exc:
+                raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
+            if text:
+                started = True
+                yield text
+            if parser.done:
+                return
+
+    def _broken(self, what: str, status: int = 502) -> UpstreamError:
+        """The clean error a caller gets when a started stream fails (never retried)."""
+        if status == 502:
+            self.engine.pool.failed(self.replica, what)
+        partial = "; the answer is incomplete, retry the request" if self.parser.pieces else ""
+        return UpstreamError(f"upstream {self.engine.name!r} ({self.replica.url}) {what}{partial}", status=status)
+
+    def _check_format(self, text: str, finish: str) -> None:
+        """Strict structured output on upstreams: an invalid result is a 502 naming the error."""
+        fmt = self.req.response_format
+        if fmt.type == "text" or finish == "length" or not (fmt.strict or self.engine.cfg.strict):
+            return
+        problem = output_problem(text, fmt)
+        if problem:
+            raise UpstreamError(
+                f"upstream {self.engine.name!r} returned structured output that fails validation: {problem} "
+                "(strict mode; send strict: false to accept such output)",
+                code="upstream_invalid_output",
+            )
+
+    async def aclose(self) -> None:
+        """Stop reading; an unfinished stream is cut so the upstream stops generating."""
+        if not self._open:
+            return
+        self._open = False
+        if self.parser.done or self.parser.finish:
+            self.resp.release()
+        else:
+            self.resp.close()
+        self.engine.pool.release(self.replica)
+        if self.engine.managed is not None:
+            self.engine.managed.busy -= 1

@@ -1,0 +1,166 @@
+"""Kind `ollama`: a native Ollama server (`/api/chat`, `/api/generate`, `/api/embed`, `/api/tags`).
+
+Pure wire code: request bodies from core types, NDJSON lines to text, usage
+(with Ollama's nanosecond timings) and done reasons to core.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from hearth.core.errors import UpstreamError
+from hearth.core.types import EmbedRequest, GenerateRequest, Usage
+from hearth.settings import UpstreamModel
+
+DONE = {"stop": "stop", "length": "length", "load": "stop", "unload": "stop"}
+OPTIONS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+}
+
+
+def _format(req: GenerateRequest) -> Any:
+    fmt = req.response_format
+    if fmt.type == "json":
+        return "json"
+    if fmt.type == "json_schema":
+        return fmt.schema
+    return None
+
+
+def _keep_alive(seconds: float | None) -> Any:
+    if seconds is None:
+        return None
+    return -1 if seconds < 0 else f"{int(seconds)}s"
+
+
+class OllamaWire:
+    """Request bodies and response parsing for native Ollama servers."""
+
+    kind = "ollama"
+    models_path = "/api/tags"
+    health_path = "/api/version"
+    managed_ready_path = "/api/version"
+
+    def __init__(self, cloud: bool) -> None:
+        self.cloud = cloud
+
+    def generate_body(self, model: str, req: GenerateRequest, drop: Callable[[str], None]) -> tuple[str, bytes]:
+        """The path and JSON body of a streamed chat or generate request."""
+        body: dict[str, Any] = {"model": model, "stream": True, "options": self._options(req, drop)}
+        if req.messages is not None:
+            path = "/api/chat"
+            body["messages"] = [self._message(m) for m in req.messages]
+        else:
+            path = "/api/generate"
+            body["prompt"] = req.prompt or ""
+            body["raw"] = True  # core prompts are already rendered
+        fmt = _format(req)
+        if fmt is not None:
+            body["format"] = fmt
+        keep = _keep_alive(req.keep_alive)
+        if keep is not None:
+            body["keep_alive"] = keep
+        return path, orjson.dumps(body)
+
+    @staticmethod
+    def _message(m: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.images:
+            out["images"] = [base64.b64encode(img).decode("ascii") for img in m.images]
+        return out
+
+    @staticmethod
+    def _options(req: GenerateRequest, drop: Callable[[str], None]) -> dict[str, Any]:
+        s = req.sampling
+        options = {name: getattr(s, field) for field, name in OPTIONS.items() if getattr(s, field) is not None}
+        if s.logit_bias:
+            drop("logit_bias")
+        if req.max_tokens is not None:
+            options["num_predict"] = req.max_tokens
+        if req.stop:
+            options["stop"] = req.stop
+        if req.num_ctx is not None:
+            options["num_ctx"] = req.num_ctx
+        return options
+
+    def parser(self, chat: bool) -> NDJSONParser:
+        """A parser for one streamed response."""
+        return NDJSONParser(chat)
+
+    def embed_body(self, model: str, req: EmbedRequest) -> tuple[str, bytes]:
+        """The path and JSON body of an `/api/embed` request."""
+        body: dict[str, Any] = {"model": model, "input": req.inputs, "truncate": req.truncate}
+        if req.dimensions is not None:
+            body["dimensions"] = req.dimensions
+        keep = _keep_alive(req.keep_alive)
+        if keep is not None:
+            body["keep_alive"] = keep
+        return "/api/embed", orjson.dumps(body)
+
+    def embed_result(self, data: Any) -> tuple[list[list[float]], int]:
+        """Vectors and prompt tokens of an `/api/embed` response."""
+        try:
+            vectors = [list(map(float, v)) for v in data["embeddings"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"embed response has no embeddings ({exc!r})") from None
+        return vectors, int(data.get("prompt_eval_count") or 0)
+
+    def model_list(self, data: Any) -> list[UpstreamModel]:
+        """Models from an `/api/tags` response."""
+        models = []
+        for item in data.get("models") or []:
+            name = item.get("name") or item.get("model")
+            if not name:
+                continue
+            family = ((item.get("details") or {}).get("family") or "").lower()
+            embedding = "bert" in family or "embed" in name.lower()
+            models.append(UpstreamModel(name=name, embedding=embedding))
+        return models
+
+
+class NDJSONParser:
+    """Turns the JSON lines of one Ollama stream into text, done reason and usage."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.done = False
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+        self.pieces = 0
+
+    def feed(self, line: bytes) -> str:
+        """Parse one line; returns the text it carries ("" for none)."""
+        line = line.strip()
+        if not line:
+            return ""
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"sent a stream line that is not JSON: {line[:120]!r}") from None
+        if "error" in event:
+            raise UpstreamError(f"reported an error mid-stream: {event['error']}")
+        text = ((event.get("message") or {}).get("content") if self.chat else event.get("response")) or ""
+        if text:
+            self.pieces += 1
+        if event.get("done"):
+            self.done = True
+            self.finish = DONE.get(event.get("done_reason") or "stop", "stop")
+            self.usage = Usage(
+                prompt_tokens=int(event.get("prompt_eval_count") or 0),
+                completion_tokens=int(event.get("eval_count") or 0),
+                load_ns=int(event.get("load_duration") or 0),
+                prompt_ns=int(event.get("prompt_eval_duration") or 0),
+                generate_ns=int(event.get("eval_duration") or 0),
+                total_ns=int(event.get("total_duration") or 0),
+            )
+        return text
+
+    def final_usage(self) -> Usage:
+        """Usage reported by the upstream, or pieces counted when it sent none."""
+        return self.usage or Usage(completion_tokens=self.pieces)

@@ -1,0 +1,180 @@
+"""Kind `openai`: any OpenAI-compatible server (llama-server, vLLM, LM Studio, LocalAI, cloud).
+
+Pure wire code: request bodies from core types, SSE lines to text, usage and
+finish reasons to core. The engine in `engine.py` does the I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from hearth.core.errors import UpstreamError
+from hearth.core.types import EmbedRequest, GenerateRequest, Message, Usage
+from hearth.settings import UpstreamModel
+
+FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "stop",
+          "tool_calls": "stop", "function_call": "stop"}
+# Sampling fields of the OpenAI API itself; the others are llama.cpp/vLLM extras.
+STANDARD = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias"}
+EXTRAS = {"top_k", "min_p", "repeat_penalty"}
+UNSUPPORTED = {"repeat_last_n", "num_ctx", "keep_alive"}
+
+
+def _content(msg: Message) -> Any:
+    if not msg.images:
+        return msg.content
+    parts: list[dict[str, Any]] = [{"type": "text", "text": msg.content}] if msg.content else []
+    for img in msg.images:
+        url = "data:image/png;base64," + base64.b64encode(img).decode("ascii")
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return parts
+
+
+def _response_format(req: GenerateRequest) -> dict[str, Any] | None:
+    fmt = req.response_format
+    if fmt.type == "json":
+        return {"type": "json_object"}
+    if fmt.type == "json_schema":
+        schema = {"name": fmt.name or "response", "schema": fmt.schema, "strict": fmt.strict}
+        return {"type": "json_schema", "json_schema": schema}
+    return None
+
+
+class OpenAIWire:
+    """Request bodies and response parsing for `/v1/*` servers."""
+
+    kind = "openai"
+    models_path = "/v1/models"
+    health_path = "/v1/models"
+    managed_ready_path = "/health"
+
+    def __init__(self, cloud: bool) -> None:
+        # A cloud API rejects unknown parameters; local servers accept the extras.
+        self.allowed = STANDARD if cloud else STANDARD | EXTRAS
+        self.cloud = cloud
+
+    def generate_body(self, model: str, req: GenerateRequest, drop: Callable[[str], None]) -> tuple[str, bytes]:
+        """The path and JSON body of a streamed chat or completion request."""
+        body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
+        if req.messages is not None:
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": m.role, "content": _content(m)} for m in req.messages]
+        else:
+            path = "/v1/completions"
+            body["prompt"] = req.prompt or ""
+        self._sampling(body, req, drop)
+        if req.max_tokens is not None:
+            body["max_completion_tokens" if self.cloud and req.messages is not None else "max_tokens"] = req.max_tokens
+        if req.stop:
+            body["stop"] = req.stop
+        rf = _response_format(req)
+        if rf is not None:
+            body["response_format"] = rf
+        if req.num_ctx is not None:
+            drop("num_ctx")
+        return path, orjson.dumps(body)
+
+    def _sampling(self, body: dict[str, Any], req: GenerateRequest, drop: Callable[[str], None]) -> None:
+        s = req.sampling
+        values = {
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": s.min_p,
+            "seed": s.seed, "presence_penalty": s.presence_penalty, "frequency_penalty": s.frequency_penalty,
+            "repeat_penalty": s.repeat_penalty, "repeat_last_n": s.repeat_last_n,
+            "logit_bias": {str(k): v for k, v in s.logit_bias.items()} or None,
+        }
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key in self.allowed:
+                body[key] = value
+            else:
+                drop(key)
+
+    def parser(self, chat: bool) -> SSEParser:
+        """A parser for one streamed response."""
+        return SSEParser(chat)
+
+    def embed_body(self, model: str, req: EmbedRequest) -> tuple[str, bytes]:
+        """The path and JSON body of an embeddings request."""
+        body: dict[str, Any] = {"model": model, "input": req.inputs, "encoding_format": "float"}
+        if req.dimensions is not None:
+            body["dimensions"] = req.dimensions
+        return "/v1/embeddings", orjson.dumps(body)
+
+    def embed_result(self, data: Any) -> tuple[list[list[float]], int]:
+        """Vectors (in input order) and prompt tokens of an embeddings response."""
+        try:
+            items = sorted(data["data"], key=lambda d: d.get("index", 0))
+            vectors = [list(map(float, d["embedding"])) for d in items]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"embeddings response has no data[].embedding ({exc!r})") from None
+        usage = data.get("usage") or {}
+        return vectors, int(usage.get("prompt_tokens") or 0)
+
+    def model_list(self, data: Any) -> list[UpstreamModel]:
+        """Models from a `/v1/models` response."""
+        models = []
+        for item in data.get("data") or data.get("models") or []:
+            name = item.get("id") or item.get("name") or item.get("model")
+            if not name:
+                continue
+            ctx = item.get("context_length") or item.get("max_model_len") or (item.get("meta") or {}).get("n_ctx_train")
+            models.append(UpstreamModel(name=name, context_length=int(ctx or 0), embedding="embed" in name.lower()))
+        return models
+
+
+class SSEParser:
+    """Turns `data: {...}` lines of one stream into text, finish reason and usage."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.done = False
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+        self.pieces = 0
+
+    def feed(self, line: bytes) -> str:
+        """Parse one line; returns the text it carries ("" for none)."""
+        if not line.startswith(b"data:"):
+            return ""  # blank separators, comments, `event:` lines
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return ""
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"sent a stream line that is not JSON: {payload[:120]!r}") from None
+        if "error" in event and not event.get("choices"):
+            err = event["error"]
+            raise UpstreamError(f"reported an error mid-stream: {err.get('message', err) if isinstance(err, dict) else err}")
+        if event.get("usage"):
+            self.usage = usage_of(event["usage"])
+        choices = event.get("choices")
+        if not choices:
+            return ""
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish = FINISH.get(choice["finish_reason"], "stop")
+        text = ((choice.get("delta") or {}).get("content") if self.chat else choice.get("text")) or ""
+        if text:
+            self.pieces += 1
+        return text
+
+    def final_usage(self) -> Usage:
+        """Usage reported by the upstream, or pieces counted when it sent none."""
+        return self.usage or Usage(completion_tokens=self.pieces)
+
+
+def usage_of(u: dict[str, Any]) -> Usage:
+    """OpenAI `usage` -> core Usage."""
+    details = u.get("prompt_tokens_details") or {}
+    return Usage(
+        prompt_tokens=int(u.get("prompt_tokens") or 0),
+        completion_tokens=int(u.get("completion_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+    )

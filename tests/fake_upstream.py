@@ -1,0 +1,152 @@
+"""Small fake upstream servers on 127.0.0.1 for fault-injection tests.
+
+`FakeUpstream(kind="openai"|"ollama", mode=...)` runs an aiohttp server in a
+thread. Modes: ok, error500, die (breaks the stream after two pieces),
+stall (never answers), stall_mid (one piece, then silence), badjson (structured
+output that fails the schema). `delay` slows every answer; `requests` counts
+generation calls; `bodies` keeps the JSON bodies received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+from aiohttp import web
+
+PIECES = ["Hello", " from", " upstream"]
+
+
+class FakeUpstream:
+    """An OpenAI-compatible or Ollama-native fake server with scripted faults."""
+
+    def __init__(self, kind: str = "openai", mode: str = "ok", delay: float = 0.0, port: int = 0,
+                 models: tuple[str, ...] = ("m", "e-embed"), dimension: int = 8) -> None:
+        self.kind = kind
+        self.mode = mode
+        self.delay = delay
+        self.port = port
+        self.models = models
+        self.dimension = dimension
+        self.requests = 0
+        self.bodies: list[dict[str, Any]] = []
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeUpstream:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._cancel_all(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _cancel_all(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        if self.kind == "openai":
+            app.router.add_get("/v1/models", self._models_openai)
+            app.router.add_get("/health", self._health)
+            app.router.add_post("/v1/chat/completions", self._generate)
+            app.router.add_post("/v1/completions", self._generate)
+            app.router.add_post("/v1/embeddings", self._embed)
+        else:
+            app.router.add_get("/api/tags", self._models_ollama)
+            app.router.add_get("/api/version", self._health)
+            app.router.add_post("/api/chat", self._generate)
+            app.router.add_post("/api/generate", self._generate)
+            app.router.add_post("/api/embed", self._embed)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "version": "0.0.0"})
+
+    async def _models_openai(self, request: web.Request) -> web.Response:
+        if self.mode == "error500":
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+
+    async def _models_ollama(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": m, "model": m, "details": {"family": "x"}} for m in self.models]})
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vecs = [[float(i + 1)] * self.dimension for i, _ in enumerate(inputs)]
+        if self.kind == "openai":
+            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]
+            return web.json_response({"data": data, "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        return web.json_response({"embeddings": vecs, "prompt_eval_count": 3})
+
+    def _text_pieces(self, body: dict[str, Any]) -> list[str]:
+        wants_json = body.get("response_format") or body.get("format")
+        if wants_json:
+            return ['{"name": 5}'] if self.mode == "badjson" else ['{"name": ', '"ok"}']
+        return PIECES + [f" {self.port}"]
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests += 1
+        self.bodies.append(body)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.mode == "error500":
+            return web.json_response({"error": {"message": "internal boom"}}, status=500)
+        if self.mode == "stall":
+            await asyncio.sleep(3600)
+        chat = request.path.endswith("chat") or request.path.endswith("chat/completions")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream" if self.kind == "openai"
+                                           else "application/x-ndjson"})
+        await resp.prepare(request)
+        pieces = self._text_pieces(body)
+        for i, piece in enumerate(pieces):
+            if self.mode == "die" and i == 2:
+                await asyncio.sleep(0.2)  # let the pieces reach the client first
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if self.mode == "stall_mid" and i == 1:
+                await asyncio.sleep(3600)
+            await resp.write(self._piece(piece, chat))
+        finish = "stop" if (body.get("response_format") or body.get("format")) else "length"
+        await resp.write(self._end(chat, len(pieces), finish))
+        return resp
+
+    def _piece(self, text: str, chat: bool) -> bytes:
+        if self.kind == "ollama":
+            key = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            return (json.dumps({"model": "m", **key, "done": False}) + "\n").encode()
+        choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+        return b"data: " + json.dumps({"id": "x", "choices": [{**choice, "finish_reason": None}]}).encode() + b"\n\n"
+
+    def _end(self, chat: bool, n: int, finish: str) -> bytes:
+        if self.kind == "ollama":
+            key = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            return (json.dumps({"model": "m", **key, "done": True, "done_reason": finish, "prompt_eval_count": 7,
+                                "eval_count": n, "eval_duration": 1000, "total_duration": 5000}) + "\n").encode()
+        choice = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+        fin = json.dumps({"id": "x", "choices": [{**choice, "finish_reason": finish}]})
+        usage = json.dumps({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n,
+                                                                "total_tokens": 7 + n}})
+        return f"data: {fin}\n\ndata: {usage}\n\ndata: [DONE]\n\n".encode()

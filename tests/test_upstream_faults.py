@@ -1,0 +1,295 @@
+"""Upstreams under faults: failover, ejection and recovery, broken streams, stalls, 500s, strict schemas.
+
+One `hearth serve --fake` is started with several upstreams, each pointing at
+small fake servers on 127.0.0.1 (tests/fake_upstream.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server, free_port, start_server, stop_server
+from tests.fake_upstream import FakeUpstream
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+class Fakes:
+    """The fake upstream servers of this module, by role."""
+
+    def __init__(self) -> None:
+        self.good = FakeUpstream().start()
+        self.good2 = FakeUpstream().start()
+        self.flaky_port = free_port()  # nothing listens here until the recovery test
+        self.err500 = FakeUpstream(mode="error500").start()
+        self.good3 = FakeUpstream().start()
+        self.only500 = FakeUpstream(mode="error500").start()
+        self.die = FakeUpstream(mode="die").start()
+        self.stall = FakeUpstream(mode="stall").start()
+        self.stall_mid = FakeUpstream(mode="stall_mid").start()
+        self.bad = FakeUpstream(mode="badjson").start()
+        self.slow1 = FakeUpstream(delay=0.4).start()
+        self.slow2 = FakeUpstream(delay=0.4).start()
+        self.olla = FakeUpstream(kind="ollama", models=("llamita:8b", "nomic-embed:latest")).start()
+        self.all = [self.good, self.good2, self.err500, self.good3, self.only500, self.die, self.stall,
+                    self.stall_mid, self.bad, self.slow1, self.slow2, self.olla]
+
+    def config(self) -> str:
+        dead = f"http://127.0.0.1:{free_port()}"
+        return f"""
+[upstreams.good]
+kind = "openai"
+urls = ["{self.good.url}"]
+drop_params = ["top_k"]
+
+[upstreams.mixed]
+kind = "openai"
+urls = ["http://127.0.0.1:{self.flaky_port}", "{self.good2.url}"]
+models = ["m"]
+health_interval = 0.3
+
+[upstreams.five]
+kind = "openai"
+urls = ["{self.err500.url}", "{self.good3.url}"]
+models = ["m"]
+
+[upstreams.only500]
+kind = "openai"
+urls = ["{self.only500.url}"]
+models = ["m"]
+
+[upstreams.down]
+kind = "openai"
+urls = ["{dead}"]
+
+[upstreams.down2]
+kind = "openai"
+urls = ["{dead}"]
+models = ["m"]
+
+[upstreams.dies]
+kind = "openai"
+urls = ["{self.die.url}"]
+models = ["m"]
+
+[upstreams.stall]
+kind = "openai"
+urls = ["{self.stall.url}"]
+models = ["m"]
+timeouts = {{ first_token = 1.0, idle = 1.0 }}
+
+[upstreams.stallmid]
+kind = "openai"
+urls = ["{self.stall_mid.url}"]
+models = ["m"]
+timeouts = {{ first_token = 1.0, idle = 1.0 }}
+
+[upstreams.bad]
+kind = "openai"
+urls = ["{self.bad.url}"]
+models = ["m"]
+
+[upstreams.badstrict]
+kind = "openai"
+urls = ["{self.bad.url}"]
+models = ["m"]
+strict = true
+
+[upstreams.pair]
+kind = "openai"
+urls = ["{self.slow1.url}", "{self.slow2.url}"]
+models = ["m"]
+
+[upstreams.olla]
+kind = "ollama"
+urls = ["{self.olla.url}"]
+
+[aliases]
+main = "gemma3-270m:latest"
+fast = "m@good"
+vec = {{ target = "e-embed@good", dimension = 1024 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[Fakes]:
+    f = Fakes()
+    yield f
+    for s in f.all:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home: Path = tmp_path_factory.mktemp("upstream-home")
+    (home / "hearth.toml").write_text(fakes.config())
+    srv = start_server(home, "--fake", timeout=60)
+    yield srv
+    stop_server(srv)
+
+
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=30)
+
+
+def chat(server: Server, model: str, **extra: object) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return httpx.post(server.v1 + "/chat/completions", json=body, timeout=30)
+
+
+def test_chat_streams_and_translates_usage(server: Server, fakes: Fakes) -> None:
+    c = client(server)
+    out = c.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.content == f"Hello from upstream {fakes.good.port}"
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (7, 4)
+    stream = c.chat.completions.create(model="m@good", messages=[{"role": "user", "content": "hi"}],
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == f"Hello from upstream {fakes.good.port}"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+def test_completions_and_embeddings(server: Server, fakes: Fakes) -> None:
+    c = client(server)
+    out = c.completions.create(model="m@good", prompt="say", max_tokens=5)
+    assert out.choices[0].text.startswith("Hello from")
+    emb = c.embeddings.create(model="e-embed@good", input=["a", "b"])
+    vec = emb.data[1].embedding
+    assert len(vec) == 8 and abs(sum(x * x for x in vec) - 1.0) < 1e-6
+
+
+def test_unsupported_params_are_dropped_with_a_log_line(server: Server, fakes: Fakes) -> None:
+    r = chat(server, "m@good", top_k=5, temperature=0.5)
+    assert r.status_code == 200, r.text
+    sent = fakes.good.bodies[-1]
+    assert "top_k" not in sent and sent["temperature"] == 0.5
+    assert "does not support 'top_k'" in server.log()
+
+
+def test_models_are_listed_with_upstream_names(server: Server) -> None:
+    ids = {m.id for m in client(server).models.list().data}
+    assert {"m", "e-embed", "llamita:8b", "fake:latest"} <= ids
+
+
+def test_refused_replica_fails_over_and_is_ejected(server: Server, fakes: Fakes) -> None:
+    before = fakes.good2.requests
+    for _ in range(4):
+        r = chat(server, "m@mixed")
+        assert r.status_code == 200, r.text
+    assert fakes.good2.requests - before == 4
+    assert "ejected" in server.log()
+
+
+def test_recovered_replica_is_readmitted(server: Server, fakes: Fakes) -> None:
+    assert chat(server, "m@mixed").status_code == 200  # the dead replica is ejected by now
+    revived = FakeUpstream(port=fakes.flaky_port).start()
+    try:
+        time.sleep(1.0)  # health checks every 0.3 s
+        for _ in range(6):
+            assert chat(server, "m@mixed").status_code == 200
+        assert revived.requests >= 2, "a recovered replica must get traffic again"
+        assert "re-admitted" in server.log()
+    finally:
+        revived.stop()
+
+
+def test_replica_answering_500_fails_over(server: Server, fakes: Fakes) -> None:
+    for _ in range(3):
+        r = chat(server, "m@five")
+        assert r.status_code == 200, r.text
+        assert str(fakes.good3.port) in r.json()["choices"][0]["message"]["content"]
+
+
+def test_upstream_answering_only_500_is_503_naming_it(server: Server) -> None:
+    r = chat(server, "m@only500")
+    assert r.status_code == 503
+    msg = r.json()["error"]["message"]
+    assert "only500" in msg and "HTTP 500" in msg
+
+
+def test_down_upstream_is_503_naming_it(server: Server) -> None:
+    for model in ("m@down", "m@down2"):
+        r = chat(server, model)
+        assert r.status_code == 503, (model, r.text)
+        assert ("'down'" if model == "m@down" else "'down2'") in r.json()["error"]["message"]
+
+
+def test_stream_that_dies_ends_in_a_clean_error_and_is_not_retried(server: Server, fakes: Fakes) -> None:
+    before = fakes.die.requests
+    stream = client(server).chat.completions.create(
+        model="m@dies", messages=[{"role": "user", "content": "hi"}], stream=True)
+    texts = []
+    with pytest.raises(openai.APIError) as info:
+        for ch in stream:
+            texts.append(ch.choices[0].delta.content or "")
+    assert "dies" in str(info.value) and "incomplete" in str(info.value)
+    assert "".join(texts) == "Hello from"
+    assert fakes.die.requests - before == 1
+    r = chat(server, "m@dies")
+    assert r.status_code == 502 and "dies" in r.json()["error"]["message"]
+
+
+def test_stall_before_first_token_times_out(server: Server) -> None:
+    t0 = time.monotonic()
+    r = chat(server, "m@stall")
+    assert r.status_code == 503
+    assert "first_token" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 5
+
+
+def test_stall_mid_stream_hits_idle_timeout(server: Server) -> None:
+    r = chat(server, "m@stallmid")
+    assert r.status_code == 504
+    assert "timeouts.idle" in r.json()["error"]["message"]
+
+
+def _schema_format(strict: bool) -> dict[str, object]:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": strict}}
+
+
+def test_structured_output_is_validated_strict_is_502(server: Server) -> None:
+    ok = chat(server, "m@good", response_format=_schema_format(True))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == '{"name": "ok"}'
+    r = chat(server, "m@bad", response_format=_schema_format(True))
+    assert r.status_code == 502
+    assert "5 is not of type 'string'" in r.json()["error"]["message"]
+    lenient = chat(server, "m@bad", response_format=_schema_format(False))
+    assert lenient.status_code == 200 and lenient.json()["choices"][0]["message"]["content"] == '{"name": 5}'
+    forced = chat(server, "m@badstrict", response_format=_schema_format(False))
+    assert forced.status_code == 502
+
+
+def test_least_outstanding_balancing_spreads_load(server: Server, fakes: Fakes) -> None:
+    b1, b2 = fakes.slow1.requests, fakes.slow2.requests
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: chat(server, "m@pair").status_code, range(8)))
+    assert codes == [200] * 8
+    assert (fakes.slow1.requests - b1, fakes.slow2.requests - b2) == (4, 4)
+
+
+def test_ollama_upstream_through_openai_dialect(server: Server, fakes: Fakes) -> None:
+    c = client(server)
+    out = c.chat.completions.create(model="llamita:8b", messages=[{"role": "user", "content": "hi"}],
+                                    max_tokens=9, seed=3, logit_bias={"5": 1.0})
+    assert out.choices[0].message.content.startswith("Hello from upstream")
+    assert out.usage.prompt_tokens == 7
+    sent = fakes.olla.bodies[-1]
+    assert sent["options"]["num_predict"] == 9 and sent["options"]["seed"] == 3 and "logit_bias" not in sent
+    emb = c.embeddings.create(model="nomic-embed", input="a")
+    assert len(emb.data[0].embedding) == 8
+
+
+def test_embedding_alias_dimension_is_checked_on_first_use(server: Server) -> None:
+    r = httpx.post(server.v1 + "/embeddings", json={"model": "vec", "input": "a"}, timeout=30)
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert "1024" in msg and "gives 8" in msg and "dimension = 8" in msg
