@@ -130,12 +130,14 @@ def create_app(settings: Settings, engines: list[Engine] | None = None, extra_ro
                 await engine.close()
 
     from hearth.api.ollama import routes as ollama_routes
+    from hearth.api import store_routes
 
     all_routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         *openai_routes.routes(),
         *ollama_routes.routes(),
+        *store_routes.routes(),
         *(extra_routes or []),
     ]
     app = Starlette(
