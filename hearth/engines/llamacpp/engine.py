@@ -170,11 +170,26 @@ class LlamaCppEngine:
         for name, entry in self.settings.models.items():
             full = name if ":" in name else f"{name}:latest"
             self._register(full, entry.path.expanduser(), entry.embedding_dimensions)
+        self.refresh_store()
         default = self.served.get(self.settings.default_model) or self.served.get(
             f"{self.settings.default_model}:latest")
         if default is not None:
             await self._worker(default, None)
         self.reaper = asyncio.ensure_future(self._reap())
+
+    def refresh_store(self) -> None:
+        """Serve every model in the on-disk store; drop unloaded ones that left it (after pull/rm/cp)."""
+        from hearth.models.serving import store_models
+
+        found = store_models(self.settings.models_dir)
+        for name, path in found.items():
+            if name not in self.served:
+                self._register(name, path, [])
+                if name in self.served:
+                    self.served[name].info.metadata["hearth.store"] = True
+        for name in [n for n, sm in self.served.items()
+                     if sm.info.metadata.get("hearth.store") and n not in found and sm.worker is None]:
+            del self.served[name]
 
     async def close(self) -> None:
         if self.reaper:
@@ -208,6 +223,10 @@ class LlamaCppEngine:
                     await sm.worker.stop()
                 t0 = time.perf_counter_ns()
                 s = self.settings
+                from hearth.models.serving import ensure_fits
+
+                await asyncio.to_thread(ensure_fits, sm.info.id, sm.path, sm.info.context_length, s.slots,
+                                        max(s.batch_size, s.slots))
                 worker = WorkerClient(sm.info.id, WorkerArgs(
                     str(sm.path), s.slots, sm.info.context_length, s.batch_size, self.threads))
                 info = await worker.start()
