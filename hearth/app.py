@@ -112,6 +112,9 @@ def create_app(settings: Settings, engines: list[Engine] | None = None, extra_ro
         aliases = {k: swap.get(v, v) for k, v in aliases.items()}
     router = Router(engines, default, aliases, settings.alias_dimensions)
     state = AppState(settings=settings, router=router, engines=engines)
+    from hearth.api import auth as auth_api
+
+    security_routes, security_middleware = auth_api.install(settings, state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -139,10 +142,12 @@ def create_app(settings: Settings, engines: list[Engine] | None = None, extra_ro
         *ollama_routes.routes(),
         *store_routes.routes(),
         *(extra_routes or []),
+        *security_routes,
     ]
     app = Starlette(
         routes=all_routes,
         lifespan=lifespan,
+        middleware=security_middleware,
         exception_handlers={
             HearthError: on_hearth_error,
             HTTPException: on_http_error,

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args, host=args.host, port=args.port, fake=True if args.fake else None,
         default_model=args.model, log_level=args.log_level,
     )
-    return serve(loaded.settings)
+    return serve(loaded.settings, create_admin_key=args.create_admin_key)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="default model (env HEARTH_DEFAULT_MODEL)")
     serve.add_argument("--fake", action="store_true", help="serve the scripted fake engine (testing)")
     serve.add_argument("--log-level", help="debug, info, warning, error")
+    serve.add_argument("--create-admin-key", action="store_true",
+                       help="off loopback with no admin key: create one and print it once")
     serve.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="print every effective setting and where it came from")
@@ -80,11 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--json", action="store_true", help="machine-readable output")
     config.set_defaults(func=cmd_config)
 
+    from hearth.cli import ps as ps_cli
+
+    ps_cli.register(sub, add_common)
+
     from hearth.cli import hw as hw_cli
     from hearth.cli import models as models_cli
 
     models_cli.add_parser(sub)
     hw_cli.add_parser(sub)
+    from hearth.cli import keys as keys_cli
+    from hearth.cli import privacy as privacy_cli
+    from hearth.cli import usage as usage_cli
+
+    for cli in (keys_cli, usage_cli, privacy_cli):
+        cli.register(sub, add_common)
     return parser
 
 

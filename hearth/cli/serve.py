@@ -74,10 +74,15 @@ async def _run(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, create_admin_key: bool = False) -> int:
     """Run the server until interrupted. Returns the exit code."""
     logging.getLogger().setLevel(settings.log_level.upper())
     settings.home.mkdir(parents=True, exist_ok=True)
+    from hearth.cli.keys import require_admin_key
+
+    refused = require_admin_key(settings, create_admin_key)
+    if refused is not None:
+        return refused
     try:
         import uvloop
 

@@ -1,0 +1,436 @@
+"""Keys, roles, model patterns, quotas, bounds and usage recording: one ASGI middleware.
+
+A pure ASGI middleware (it never buffers a response, so streams stay streams):
+
+1. Header size over `max_header_bytes` -> 431.
+2. Opens the request's `RequestRecord` (the serving code fills in model and tokens).
+3. Auth. With no key ever created, no key is needed (the server only listens on
+   loopback then). Once a key exists, every request needs a valid one
+   (`Authorization: Bearer` or `x-api-key`), unless `loopback_needs_key = false`
+   and the client is on loopback. 401s never say whether a key or name exists.
+4. Roles: /admin/*, /metrics and Ollama's model management need an admin key.
+5. Model patterns and cloud opt-in: the JSON body's `model` (or `name`) is read
+   (bounded, then replayed to the app untouched) only for keys that are
+   restricted; a model outside the key's patterns is a 403 naming it.
+6. `--rpm` / `--tokens-per-day` -> 429 with Retry-After.
+7. Stream idle bound: a response that goes silent for `stream_idle_timeout`
+   ends with an error event.
+8. Before the last body byte leaves, the usage row is committed (so a SIGKILL
+   right after a response loses nothing) and the metrics are updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+from starlette.routing import Match
+
+from hearth.api.metrics import Metrics
+from hearth.api.quota import Limiter
+from hearth.core.errors import BadRequest, Forbidden, HearthError, PayloadTooLarge, Unauthorized
+from hearth.core.record import RequestRecord, close_record, open_record
+from hearth.core.router import normalize
+from hearth.settings import Settings
+from hearth.store.db import SQLiteDatabase, open_database
+from hearth.store.keys import Key, KeyStore
+from hearth.store.usage import UsageRow, UsageStore
+
+log = logging.getLogger("hearth.auth")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/favicon.ico"})
+OPEN_PREFIXES = ("/ui/",)
+ADMIN_PATHS = frozenset({"/metrics", "/api/pull", "/api/delete", "/api/create", "/api/copy", "/api/push"})
+ADMIN_PREFIXES = ("/admin/",)
+LOOPBACK_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
+NO_RECORD_PATHS = frozenset({"/metrics"})
+MISSING_KEY = ("this server needs an API key: send `Authorization: Bearer hk-...` or `x-api-key: hk-...`; "
+               "an admin creates one with `hearth keys create NAME`")
+INVALID_KEY = ("the API key is not valid (unknown, revoked or expired); check it, or ask an admin for a new one "
+               "(`hearth keys list` shows which keys exist)")
+
+
+def presented_secret(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The key from `Authorization: Bearer ...` or `x-api-key`, if any."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value.strip():
+            return value.decode("latin-1").strip()
+    return None
+
+
+def dialect_of(path: str) -> str:
+    """Which API a path belongs to (for usage rows and error envelopes)."""
+    if path.startswith("/api/"):
+        return "ollama"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "admin" if path.startswith("/admin/") or path == "/metrics" else "other"
+
+
+def error_body(path: str, err: HearthError) -> bytes:
+    """The error in the envelope of the path's dialect."""
+    if path.startswith("/api/"):
+        return orjson.dumps({"error": err.message})
+    from hearth.api.openai.convert import error_body as openai_error
+
+    return orjson.dumps(openai_error(err))
+
+
+def needs_admin(path: str) -> bool:
+    """Paths only admin keys may use."""
+    return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
+
+
+class Security:
+    """The database-backed state behind the middleware; lives on `app.state.hearth.extras['security']`."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time,
+                 db: SQLiteDatabase | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.db = db or open_database(settings.db_path)
+        self.keys = KeyStore(self.db, clock)
+        self.usage = UsageStore(self.db)
+        self.limiter = Limiter(settings.rate_window, settings.token_window, clock)
+        self.limiter.restore(self.usage.recent(clock() - max(settings.rate_window, settings.token_window)))
+        self.metrics = Metrics()
+        self.cloud_engines = frozenset(n for n, up in (getattr(settings, "upstreams", None) or {}).items()
+                                       if getattr(up, "cloud", False))
+        self._keys_on = False
+        self._labels: dict[str, str] = {}
+
+    def keys_on(self) -> bool:
+        """True once any key exists (checked each request until it becomes true: the CLI may add one)."""
+        if not self._keys_on:
+            self._keys_on = self.keys.any_keys()
+        return self._keys_on
+
+    def authorize(self, scope: Scope) -> Key | None:
+        """The calling key (None = keyless owner), or raise 401/403/429."""
+        secret = presented_secret(scope["headers"])
+        if not self.keys_on():
+            client = scope.get("client")
+            if client and client[0] not in LOOPBACK_CLIENTS:
+                raise Unauthorized("this server has no API keys yet, so it answers only on this machine; "
+                                   "create an admin key with `hearth keys create NAME --role admin`")
+            return None
+        if secret is None:
+            client = scope.get("client")
+            if not self.settings.loopback_needs_key and client and client[0] in LOOPBACK_CLIENTS:
+                return None
+            raise Unauthorized(MISSING_KEY)
+        key = self.keys.verify(secret)
+        if key is None:
+            raise Unauthorized(INVALID_KEY)
+        if needs_admin(scope["path"]) and key.role != "admin":
+            raise Forbidden(f"{scope['path']} needs an admin key; this key's role is {key.role!r}")
+        self.limiter.admit(key.id, key.rpm, key.tokens_per_day)
+        return key
+
+    def route_label(self, scope: Scope) -> str:
+        """The route template a path matched (bounded cardinality for metrics and usage)."""
+        path = scope["path"]
+        label = self._labels.get(path)
+        if label is None:
+            label = "other"
+            for route in getattr(scope.get("app"), "routes", ()):
+                match, _ = route.matches(scope)
+                if match != Match.NONE:
+                    label = getattr(route, "path", "other")
+                    break
+            if len(self._labels) < 4096:
+                self._labels[path] = label
+        return label
+
+    async def check_model(self, scope: Scope, receive: Receive, key: Key | None) -> Receive:
+        """403 if a restricted key names a model outside its patterns (or a cloud model without opt-in)."""
+        if key is None:
+            return receive
+        cloud_check = bool(self.cloud_engines) and not key.allow_cloud
+        if key.unrestricted and not cloud_check:
+            return receive
+        name, receive = await self._model_name(scope, receive)
+        if name is _NO_MODEL:
+            return receive
+        state = scope["app"].state.hearth
+        wanted = name or state.router.default_model
+        spellings = model_spellings(wanted, state.router.aliases)
+        if not key.allows_model(spellings):
+            raise Forbidden(f"this key may not use model {wanted!r} (allowed: {', '.join(key.models)}); "
+                            "ask an admin to widen its --models", param="model", code="model_not_allowed")
+        if cloud_check:
+            _, info = await state.router.resolve(wanted)
+            if info.metadata.get("cloud") or info.engine in self.cloud_engines:
+                raise Forbidden(f"model {wanted!r} runs on cloud upstream {info.engine!r} and this key is not "
+                                "allowed to send prompts off this machine; an admin can recreate the key with "
+                                "--allow-cloud", param="model", code="cloud_not_allowed")
+        return receive
+
+    async def _model_name(self, scope: Scope, receive: Receive) -> tuple[Any, Receive]:
+        """The model a request names: from the path (/v1/models/X) or the JSON body."""
+        path = scope["path"]
+        if scope["method"] == "GET":
+            if path.startswith("/v1/models/"):
+                return path[len("/v1/models/"):], receive
+            return _NO_MODEL, receive
+        if scope["method"] != "POST" or not path.startswith(("/v1/", "/api/")):
+            return _NO_MODEL, receive
+        body, receive = await read_body(receive, self.settings.max_body_bytes)
+        try:
+            data = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError:
+            return _NO_MODEL, receive  # the route answers 400 for bad JSON
+        if not isinstance(data, dict):
+            return _NO_MODEL, receive
+        name = data.get("model") or data.get("name")
+        if name is not None and not isinstance(name, str):
+            raise BadRequest(f"field 'model' must be a string, got {type(name).__name__}", param="model")
+        return name, receive
+
+    def persist(self, rec: RequestRecord, key: Key | None) -> None:
+        """Commit the usage row, count tokens toward quotas and update metrics."""
+        t = self.clock()
+        tokens = rec.prompt_tokens + rec.completion_tokens
+        if rec.route not in NO_RECORD_PATHS:
+            row = UsageRow(
+                ts=t, key_id=key.id if key else None, key_name=key.name if key else None, model=rec.model,
+                engine=rec.engine, cloud=bool(getattr(rec, "cloud", False)) or rec.engine in self.cloud_engines,
+                dialect=rec.dialect, route=rec.route, status=rec.status, prompt_tokens=rec.prompt_tokens,
+                completion_tokens=rec.completion_tokens, cached_tokens=rec.cached_tokens, ttft_ms=rec.ttft_ms,
+                duration_ms=rec.duration_ms)
+            with self.db.transaction():
+                self.usage.record(row)
+                if key is not None:
+                    self.keys.touch(key.id, t)
+        if key is not None and tokens:
+            self.limiter.add_tokens(key.id, tokens, t)
+        self.metrics.observe(rec, rec.route)
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+
+_NO_MODEL = object()
+
+
+def model_spellings(name: str, aliases: dict[str, str]) -> list[str]:
+    """A model's names a pattern may match: as asked, with/without `:latest`, and an alias's target."""
+    names = [name, normalize(name), name.removesuffix(":latest")]
+    target = aliases.get(name) or aliases.get(name.removesuffix(":latest"))
+    if target:
+        names += [target, normalize(target), target.removesuffix(":latest")]
+    return names
+
+
+async def read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
+    """Read the whole request body (at most `limit` bytes) and a `receive` that replays it."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (setting max_body_bytes)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+class Exchange:
+    """One request's way out: status, idle bound, and the usage commit before the last byte."""
+
+    def __init__(self, security: Security, scope: Scope, send: Send, rec: RequestRecord) -> None:
+        self.security = security
+        self.scope = scope
+        self.raw_send = send
+        self.rec = rec
+        self.key: Key | None = None
+        self.persisted = False
+        self.streaming = False
+        self.idle_fired = False
+        self.idle = security.settings.stream_idle_timeout
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def send(self, message: Message) -> None:
+        """The `send` the app sees."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.rec.status = message["status"]
+            self._start_idle_timer(message)
+        elif kind == "http.response.body":
+            if not message.get("more_body", False):
+                self._stop_idle_timer()
+                self.finish()
+            elif self._timer is not None:
+                self._last = asyncio.get_running_loop().time()
+        await self.raw_send(message)
+
+    def _start_idle_timer(self, message: Message) -> None:
+        content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+        self.streaming = content_type.startswith((b"text/event-stream", b"application/x-ndjson"))
+        if self.idle and self.idle > 0:
+            loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            self._last = loop.time()
+            self._timer = loop.call_later(self.idle, self._check_idle)
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last
+        if quiet < self.idle:
+            self._timer = loop.call_later(self.idle - quiet, self._check_idle)
+            return
+        self._timer = None
+        self.idle_fired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def _stop_idle_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def end_idle_stream(self) -> None:
+        """After an idle cut: an error event in the stream's format, then the end of the body."""
+        err = HearthError(f"the response was silent for {self.idle:g} s (setting stream_idle_timeout); "
+                          "the request was stopped, retry it", code="stream_idle_timeout")
+        self.rec.status = 504
+        body = error_body(self.scope["path"], err)
+        if self.streaming:
+            chunk = body + b"\n" if self.scope["path"].startswith("/api/") else b"data: " + body + b"\n\n"
+        else:
+            chunk = b""
+        self.finish()
+        await self.raw_send({"type": "http.response.body", "body": chunk, "more_body": False})
+
+    async def send_error(self, err: HearthError) -> None:
+        """Answer with `err` in the path's envelope (the app is never called)."""
+        headers = [(b"content-type", b"application/json")]
+        if err.retry_after is not None:
+            headers.append((b"retry-after", str(err.retry_after).encode()))
+        if err.status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="hearth"'))
+        body = error_body(self.scope["path"], err)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def finish(self) -> None:
+        """Persist once (called before the last byte, or at the end if it never went out)."""
+        if self.persisted:
+            return
+        self.persisted = True
+        self._stop_idle_timer()
+        self.rec.finished_ns = time.perf_counter_ns()
+        if not self.rec.status:  # the app raised before answering: the error handler sends a 500
+            self.rec.status = 500
+        if self.rec.status == 401:  # no key to charge: count it, store nothing (no DB growth from strangers)
+            self.security.metrics.observe(self.rec, self.rec.route)
+            return
+        try:
+            self.security.persist(self.rec, self.key)
+        except Exception:  # the answer is still delivered; the log says the row is missing
+            log.exception("could not record usage of %s %s", self.scope["method"], self.scope["path"])
+
+
+class SecurityMiddleware:
+    """The ASGI middleware; see the module docstring."""
+
+    def __init__(self, app: ASGIApp, security: Security) -> None:
+        self.app = app
+        self.security = security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        sec = self.security
+        rec, token = open_record(sec.route_label(scope), dialect_of(path))
+        exchange = Exchange(sec, scope, send, rec)
+        try:
+            await self._serve(scope, receive, exchange)
+        finally:
+            close_record(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, exchange: Exchange) -> None:
+        sec = self.security
+        try:
+            header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+            if header_bytes > sec.settings.max_header_bytes:
+                raise HearthError(f"request headers are {header_bytes} bytes; the limit is "
+                                  f"{sec.settings.max_header_bytes} (setting max_header_bytes)",
+                                  status=431, code="request_header_fields_too_large")
+            if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
+                await self.app(scope, receive, send_only(exchange))
+                return
+            exchange.key = sec.authorize(scope)
+            exchange.rec.key_name = exchange.key.name if exchange.key else None
+            receive = await sec.check_model(scope, receive, exchange.key)
+        except HearthError as err:
+            await exchange.send_error(err)
+            return
+        try:
+            await self.app(scope, receive, exchange.send)
+        except asyncio.CancelledError:
+            if not exchange.idle_fired:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await exchange.end_idle_stream()
+        finally:
+            exchange.finish()
+
+
+def send_only(exchange: Exchange) -> Send:
+    """For open paths: pass messages through without usage or metrics."""
+    exchange.persisted = True
+    return exchange.raw_send
+
+
+def install(settings: Settings, state: Any) -> tuple[list[Any], list[Any]]:
+    """Routes (/admin/*, /metrics) and middleware (CORS if configured, then security) for `create_app`."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    from hearth.api import admin
+
+    security = Security(settings)
+    state.extras["security"] = security
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                                     allow_headers=["*"], expose_headers=["Retry-After"]))
+    middleware.append(Middleware(SecurityMiddleware, security=security))
+    return admin.routes(), middleware

@@ -1,0 +1,173 @@
+"""The database behind keys and usage: SQLite by default, one small interface.
+
+Everything else in `hearth.store` talks to a `Database` through four calls:
+`execute` (one write, committed), `query` (rows as tuples), `transaction`
+(several writes committed together) and `close`. SQL uses `?` placeholders
+and only portable statements, so a PostgreSQL backend can be added later
+behind the same interface (translating `?` to `%s`).
+
+Durability: the SQLite file runs in WAL mode with `synchronous=NORMAL`. A
+committed transaction is in the WAL file (the OS page cache) before
+`execute` returns, so killing hearth with SIGKILL right after loses nothing;
+only a power cut can lose the last commits (set `HEARTH_DB_SYNC=full` to
+fsync every commit, at a cost of milliseconds per request).
+
+Migrations are an ordered list; `PRAGMA user_version` says how many ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: keys and their secrets (several secrets per key during a rotation overlap)
+    """
+    CREATE TABLE keys (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        models TEXT NOT NULL DEFAULT '["*"]',
+        allow_cloud INTEGER NOT NULL DEFAULT 0,
+        rpm INTEGER,
+        tokens_per_day INTEGER,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        revoked_at REAL,
+        last_used_at REAL
+    );
+    CREATE UNIQUE INDEX keys_live_name ON keys(name) WHERE revoked_at IS NULL;
+    CREATE TABLE key_secrets (
+        id INTEGER PRIMARY KEY,
+        key_id INTEGER NOT NULL REFERENCES keys(id),
+        prefix TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    CREATE INDEX key_secrets_prefix ON key_secrets(prefix);
+    """,
+    # 2: usage, one row per request (counts and timings, never content)
+    """
+    CREATE TABLE usage (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        key_id INTEGER,
+        key_name TEXT,
+        model TEXT,
+        engine TEXT,
+        cloud INTEGER NOT NULL DEFAULT 0,
+        dialect TEXT NOT NULL,
+        route TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        ttft_ms REAL,
+        duration_ms REAL NOT NULL
+    );
+    CREATE INDEX usage_ts ON usage(ts);
+    CREATE INDEX usage_key_ts ON usage(key_id, ts);
+    """,
+)
+
+
+class Database(Protocol):
+    """What the stores need from a database (SQLite now, PostgreSQL later)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one write and commit it; returns the new row id (inserts) or 0."""
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read; returns every row."""
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """Several writes committed together (or none, on an exception)."""
+
+    def close(self) -> None:
+        """Release the connection."""
+
+
+class SQLiteDatabase:
+    """A `Database` on one SQLite file (one connection, used from one thread)."""
+
+    def __init__(self, path: Path | str, sync: str | None = None) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        mode = (sync or os.environ.get("HEARTH_DB_SYNC") or "normal").upper()
+        if mode not in ("NORMAL", "FULL"):
+            raise ValueError(f"HEARTH_DB_SYNC must be normal or full, got {mode.lower()!r}")
+        self.conn.execute(f"PRAGMA synchronous={mode}")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._depth = 0
+        migrate(self.conn)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cur = self.conn.execute(sql, params)
+        return cur.lastrowid or 0
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SQLiteDatabase]:
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Run the migrations this database has not seen yet, in order."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the database was written by a newer hearth (schema {version}, this one knows {len(MIGRATIONS)}); "
+            "upgrade hearth"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def open_database(path: Path | str) -> SQLiteDatabase:
+    """Open (creating and migrating if needed) the database at `path`."""
+    return SQLiteDatabase(path)
+
+
+def now() -> float:
+    """Wall-clock seconds (the stores' default clock)."""
+    return time.time()
