@@ -1,0 +1,92 @@
+"""`hearth ps`: models held in memory, from GET /api/ps of the running server."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+from hearth.settings import Settings
+
+
+def server_url(settings: Settings, flag: str | None) -> str:
+    """The running server: --url, HEARTH_URL, else the configured host and port."""
+    if flag or os.environ.get("HEARTH_URL"):
+        return (flag or os.environ["HEARTH_URL"]).rstrip("/")
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{settings.port}"
+
+
+def fetch_ps(url: str, api_key: str | None) -> dict[str, Any]:
+    """GET /api/ps; raises RuntimeError with a readable message."""
+    req = urllib.request.Request(url + "/api/ps")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{url}/api/ps answered HTTP {exc.code}: {exc.read()[:200].decode(errors='replace')}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RuntimeError(f"cannot reach hearth at {url} ({reason}); is `hearth serve` running?") from None
+
+
+def until(expires_at: str | None) -> str:
+    """'4 minutes from now' style text for an RFC 3339 time."""
+    if not expires_at:
+        return "Forever"
+    try:
+        when = dt.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return expires_at
+    seconds = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    if seconds > 3e8:
+        return "Forever"
+    if seconds < 60:
+        return "less than a minute from now" if seconds >= 0 else "expired"
+    return f"{int(seconds // 60)} minutes from now"
+
+
+def rows(data: dict[str, Any]) -> list[list[str]]:
+    """Table rows of an /api/ps answer."""
+    out = []
+    for m in data.get("models") or []:
+        size = int(m.get("size") or 0)
+        out.append([m.get("name") or m.get("model", ""), f"{size / 1e6:.0f} MB" if size else "-",
+                    str(m.get("context_length") or "-"), until(m.get("expires_at"))])
+    return out
+
+
+def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the loaded models (in-box engine and managed upstreams)."""
+    from hearth.cli.table import print_table
+
+    url = server_url(settings, args.url)
+    try:
+        data = fetch_ps(url, args.api_key or os.environ.get("HEARTH_API_KEY"))
+    except RuntimeError as exc:
+        from hearth.cli.main import fail
+
+        return fail(str(exc), "start it with `hearth serve`, or pass --url")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print_table(["NAME", "SIZE", "CONTEXT", "UNTIL"], rows(data))
+    return 0
+
+
+def register(sub: Any, add_common: Any) -> None:
+    """Add `hearth ps` to the command parser."""
+    from hearth.cli.main import settings_from
+
+    p = sub.add_parser("ps", help="list models in memory, managed upstreams included (GET /api/ps)")
+    add_common(p)
+    p.add_argument("--url", help="server URL (env HEARTH_URL; default from host and port settings)")
+    p.add_argument("--api-key", help="API key, if the server requires one (env HEARTH_API_KEY)")
+    p.add_argument("--json", action="store_true", help="print the raw /api/ps answer")
+    p.set_defaults(func=lambda args: cmd_ps(args, settings_from(args).settings))

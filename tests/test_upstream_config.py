@@ -1,0 +1,120 @@
+"""Upstream and alias configuration: each mistake stops startup with one readable line.
+
+No test here contacts a cloud address: cloud upstreams are only validated.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hearth.core.privacy import is_cloud_url
+from tests.conftest import free_port, start_server, stop_server
+
+LOCAL = "http://127.0.0.1:9"  # discard port: nothing answers, nothing leaves the box
+
+
+def serve_with(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `hearth serve --fake` with `toml`; it must exit (not serve)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    (home / "hearth.toml").write_text(toml)
+    full_env = {**os.environ, "HEARTH_HOME": str(home), "HEARTH_CONFIG": str(home / "hearth.toml"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "hearth", "serve", "--fake", "--port", str(free_port())],
+        capture_output=True, text=True, env=full_env, timeout=60,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The single `hearth: error:` line of a refused startup (and no traceback)."""
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hearth: error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_unknown_kind(tmp_path: Path) -> None:
+    line = one_error_line(serve_with(tmp_path, f'[upstreams.gpu]\nkind = "vllm"\nurls = ["{LOCAL}"]\n'))
+    assert "upstreams.gpu.kind" in line and "'openai' or 'ollama'" in line and "vllm" in line
+
+
+def test_cloud_url_needs_cloud_true(tmp_path: Path) -> None:
+    toml = '[upstreams.oa]\nkind = "openai"\nurls = ["https://api.openai.com"]\napi_key_env = "X"\n'
+    line = one_error_line(serve_with(tmp_path, toml, env={"X": "sk-test"}))
+    assert "[upstreams.oa]" in line and "api.openai.com" in line and "cloud = true" in line
+
+
+def test_alias_to_an_undeclared_upstream(tmp_path: Path) -> None:
+    line = one_error_line(serve_with(tmp_path, '[aliases]\nmain = "llama3.1:70b@gpu-box"\n'))
+    assert "alias 'main'" in line and "no upstream 'gpu-box'" in line
+
+
+def test_alias_pointing_nowhere(tmp_path: Path) -> None:
+    line = one_error_line(serve_with(tmp_path, '[aliases]\nfast = "no-such-model"\n'))
+    assert "alias 'fast'" in line and "no-such-model" in line and "no engine serves" in line
+
+
+def test_alias_to_a_model_the_upstream_does_not_list(tmp_path: Path) -> None:
+    toml = f'[upstreams.box]\nkind = "openai"\nurls = ["{LOCAL}"]\nmodels = ["a"]\n[aliases]\nmain = "b@box"\n'
+    line = one_error_line(serve_with(tmp_path, toml))
+    assert "lists only a" in line
+
+
+def test_embedding_dimension_mismatch(tmp_path: Path) -> None:
+    line = one_error_line(serve_with(tmp_path, '[aliases.embed]\ntarget = "fake"\ndimension = 1024\n'))
+    assert "requires 1024-dimensional" in line and "gives 16" in line and "dimension = 16" in line
+
+
+def test_missing_api_key_env(tmp_path: Path) -> None:
+    toml = f'[upstreams.box]\nkind = "openai"\nurls = ["{LOCAL}"]\napi_key_env = "HEARTH_TEST_NO_SUCH_KEY"\n'
+    line = one_error_line(serve_with(tmp_path, toml))
+    assert "HEARTH_TEST_NO_SUCH_KEY" in line and "not set" in line
+
+
+def test_managed_needs_models(tmp_path: Path) -> None:
+    toml = '[upstreams.ls]\nkind = "openai"\nmanaged = { command = ["llama-server", "--port", "{port}"] }\n'
+    line = one_error_line(serve_with(tmp_path, toml))
+    assert "managed but lists no models" in line
+
+
+@pytest.mark.parametrize(
+    ("url", "cloud"),
+    [
+        ("http://127.0.0.1:8080", False), ("http://localhost:11434", False), ("http://[::1]:8000", False),
+        ("http://10.1.2.3", False), ("http://192.168.1.20:8000", False), ("http://169.254.1.1", False),
+        ("http://gpu-box:8000", False), ("http://gpu.lan", False), ("http://nas.local:8080", False),
+        ("https://api.openai.com", True), ("http://8.8.8.8", True), ("https://example.com:443", True),
+        ("http://[2001:4860::1]", True),
+    ],
+)
+def test_cloud_classification(url: str, cloud: bool) -> None:
+    assert is_cloud_url(url) is cloud
+
+
+def test_cloud_upstream_allowed_only_by_qualified_name(tmp_path: Path) -> None:
+    """Declared models, no health checks: starting does not contact the cloud address."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "hearth.toml").write_text(
+        '[upstreams.cloudy]\nkind = "openai"\nurls = ["https://api.example.com"]\ncloud = true\n'
+        'api_key_file = "' + str(tmp_path / "key") + '"\nmodels = ["fake"]\n'
+    )
+    (tmp_path / "key").write_text("sk-secret-value\n")
+    server = start_server(home, "--fake", timeout=30)
+    try:
+        ids = [m["id"] for m in httpx.get(server.v1 + "/models").json()["data"]]
+        assert "fake@cloudy" in ids
+        # The bare name is the local fake model, never the cloud one of the same name.
+        r = httpx.post(server.v1 + "/chat/completions",
+                       json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "fake"
+        assert "sk-secret-value" not in server.log()
+    finally:
+        stop_server(server)
