@@ -86,10 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps_cli.register(sub, add_common)
 
-    from hearth.cli import ps as ps_cli
-
-    ps_cli.register(sub, add_common)
-
     from hearth.cli import hw as hw_cli
     from hearth.cli import models as models_cli
 
