@@ -66,7 +66,7 @@ class ModelStore:
                 continue  # a damaged manifest is not a model; `hearth models list` stays usable
             if self.blob_path(m.sha256).is_file():
                 found.append(m)
-        return found
+        return sorted(found, key=lambda m: m.name)
 
     def get(self, name: str) -> Manifest:
         """The manifest for `name` (tag defaults to latest), or a 404 that lists what exists."""

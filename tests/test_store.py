@@ -1,0 +1,150 @@
+"""The store on disk (cp/rm/import/list), hardware parsers and fit arithmetic: fast, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hearth.core.errors import BadRequest, NotFound
+from hearth.models import catalog
+from hearth.models.fit import Shape, check, estimate
+from hearth.models.hardware import GPU, Hardware, parse_cpuinfo, parse_meminfo, parse_nvidia_smi, parse_rocm_smi
+from hearth.models.manifest import split_name
+from hearth.models.store import ModelInUse, ModelStore
+from tests.fake_sources import make_gguf
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    s = ModelStore(tmp_path / "models")
+    s.import_file(make_gguf(tmp_path / "Tiny.gguf"), "tiny:1b")
+    return s
+
+
+def test_import_list_show(store: ModelStore) -> None:
+    [m] = store.list()
+    assert (m.name, m.architecture, m.block_count, m.quantization) == ("tiny:1b", "llama", 2, "F32")
+    assert store.path("tiny:1b").is_file() and not m.has_chat_template
+
+
+def test_copy_shares_the_blob_and_rm_keeps_it_until_last(store: ModelStore) -> None:
+    store.copy("tiny:1b", "other")
+    assert [m.name for m in store.list()] == ["other:latest", "tiny:1b"]
+    assert store.path("other") == store.path("tiny:1b")
+    store.remove("tiny:1b")
+    assert store.path("other").is_file()
+    blob = store.path("other")
+    store.remove("other")
+    assert not blob.exists() and store.list() == []
+    with pytest.raises(NotFound, match="not in the store"):
+        store.get("other")
+
+
+def test_rm_refuses_alias_target_and_loaded_unless_forced(store: ModelStore) -> None:
+    with pytest.raises(ModelInUse, match="alias main"):
+        store.remove("tiny:1b", aliases={"main": "tiny:1b"})
+    with pytest.raises(ModelInUse, match="loaded"):
+        store.remove("tiny:1b", loaded=["tiny:1b"])
+    store.remove("tiny:1b", aliases={"main": "tiny:1b"}, force=True)
+    assert store.list() == []
+
+
+def test_incomplete_models_are_not_listed(store: ModelStore) -> None:
+    store.blob_path(store.get("tiny:1b").sha256).unlink()
+    (store.manifests / "junk.json").write_text("{not json")
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/../b", "", "x:", "x:../../etc", "/abs"])
+def test_unsafe_names_rejected(bad: str) -> None:
+    with pytest.raises(BadRequest):
+        split_name(bad)
+
+
+def test_cli_list_import_rm(tmp_path: Path) -> None:
+    env = {**os.environ, "HEARTH_HOME": str(tmp_path / "home"), "HEARTH_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    gguf = make_gguf(tmp_path / "t.gguf")
+
+    def hearth(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hearth", *args], env=env, capture_output=True, text=True)
+
+    assert hearth("models", "import", str(gguf), "--name", "t:1").returncode == 0
+    out = hearth("models", "list", "--json")
+    assert [m["name"] for m in json.loads(out.stdout)] == ["t:1"]
+    refused = hearth("models", "pull", "llama3.1:8b")
+    assert refused.returncode == 2 and "registry.ollama.ai" in refused.stderr
+    fit = hearth("models", "fit", "t:1", "--ctx", "512", "--json")
+    assert json.loads(fit.stdout)["fits"] is True
+    assert hearth("models", "rm", "t:1").returncode == 0
+    assert json.loads(hearth("hw", "--json").stdout)["cores"] >= 1
+
+
+CPUINFO = """processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f\nphysical id\t: 0
+core id\t\t: 0\n\nprocessor\t: 1\nmodel name\t: Test CPU\nphysical id\t: 0\ncore id\t\t: 0\n"""
+
+
+def test_hardware_parsers() -> None:
+    assert parse_cpuinfo(CPUINFO) == ("Test CPU", 1, 2, ["avx", "avx2", "avx512f", "fma", "sse4_2"])
+    assert parse_cpuinfo("processor : 0\nFeatures : fp asimd\n")[3] == ["neon", "asimd"]
+    assert parse_meminfo("MemTotal: 1000 kB\nMemFree: 10 kB\nMemAvailable: 500 kB\n") == (1024000, 512000)
+    [g] = parse_nvidia_smi("NVIDIA RTX 4090, 24564, 23000\n")
+    assert (g.vendor, g.memory_total) == ("nvidia", 24564 << 20)
+    rocm = json.dumps({"card0": {"VRAM Total Memory (B)": "17163091968", "VRAM Total Used Memory (B)": "1000",
+                                 "Card Series": "Radeon RX 7800"}})
+    assert parse_rocm_smi(rocm)[0].memory_free == 17163091968 - 1000
+    assert parse_nvidia_smi("") == [] and parse_rocm_smi("not json") == []
+
+
+def machine(ram: float, vram: float = 0) -> Hardware:
+    gpus = [GPU("nvidia", "test", int(vram * 1e9), int(vram * 1e9))] if vram else []
+    return Hardware("Linux", "x86_64", "cpu", 8, 8, [], int(ram * 1e9), int(ram * 1e9), gpus)
+
+
+def test_fit_places_and_advises() -> None:
+    llama8b = catalog.find("llama3.1:8b")
+    assert llama8b is not None
+    assert check(llama8b.shape, machine(8), 4096).where == "cpu"
+    assert check(llama8b.shape, machine(8, vram=24), 4096).where == "gpu"
+    assert check(llama8b.shape, machine(8, vram=4), 4096).where == "split"
+    v = check(llama8b.shape, machine(8), 8192, parallel=4)
+    assert not v.fits and v.need > 8e9
+    text = " ".join(v.advice)
+    assert "--parallel 2 " in text and "smaller quantization" in text
+    ctx = int(v.advice[0].split("--ctx ")[1].split()[0])
+    assert check(llama8b.shape, machine(8), ctx, parallel=4).fits
+    assert not check(llama8b.shape, machine(8), ctx + 512, parallel=4).fits
+
+
+def test_kv_cache_arithmetic() -> None:
+    llama8b = catalog.find("llama3.1:8b")
+    assert llama8b is not None
+    # 32 layers x 8 kv heads x (128 + 128) x 2 bytes = 128 KiB per token
+    assert estimate(llama8b.shape, 8192).kv_cache == 8192 * 131072
+    assert estimate(llama8b.shape, 8192, kv_type="q8_0").kv_cache == 8192 * 131072 * 34 // 64
+    gemma = catalog.find("gemma3-270m")
+    assert gemma is not None
+    full = estimate(gemma.shape, 8192, 2).kv_cache
+    windowed = estimate(gemma.shape, 8192, 2, swa_full=False).kv_cache
+    assert full == 2 * 8192 * 18 * 512 * 2
+    assert windowed == 2 * 8192 * 3 * 512 * 2 + 1536 * 15 * 512 * 2
+    nomic = catalog.find("nomic-embed-text")
+    assert nomic is not None and estimate(nomic.shape, 2048).kv_cache == 0
+
+
+def test_pick_prefers_the_best_that_fits() -> None:
+    assert catalog.pick("chat", machine(1.0))[0].name in ("gemma3-270m:latest", "qwen2.5:0.5b")
+    assert catalog.pick("chat", machine(64))[0].name == "llama3.1:8b"
+    assert catalog.pick("code", machine(3))[0].name == "qwen2.5-coder:1.5b"
+    with pytest.raises(NotFound, match="nothing fits|fits this machine"):
+        catalog.pick("code", machine(0.1))
+
+
+def test_shape_from_catalog_matches_bundled_header_when_present(tmp_path: Path) -> None:
+    gemma = catalog.find("gemma3-270m")
+    assert gemma is not None and isinstance(gemma.shape, Shape) and gemma.shape.n_layer == 18
