@@ -93,3 +93,29 @@ def test_pull_without_consent_names_host(tmp_path: Path, src: FakeSources) -> No
         assert src.requests == []
     finally:
         stop_server(s)
+
+
+@pytest.mark.model
+def test_real_engine_serves_store_models_after_pull_and_delete(tmp_path: Path, models_cache: Path,
+                                                                src: FakeSources) -> None:
+    from tests.conftest import share_models
+
+    home = tmp_path / "real"
+    share_models(home, models_cache)
+    s = start_server(home, env={"HEARTH_ALLOW_NETWORK": "1", "HEARTH_OLLAMA_REGISTRY": src.url,
+                                "HEARTH_SLOTS": "2"})
+    try:
+        client = ollama.Client(host=s.url)
+        assert client.pull("tiny:1b", stream=False).status == "success"
+        ids = [m["id"] for m in httpx.get(s.v1 + "/models").json()["data"]]
+        assert "tiny:1b" in ids and "gemma3-270m:latest" in ids
+        with pytest.raises(ollama.ResponseError) as err:
+            client.delete("gemma3-270m")  # alias target (main/fast/embed) and loaded
+        assert err.value.status_code == 409
+        assert client.delete("tiny:1b").status == "success"
+        ids = [m["id"] for m in httpx.get(s.v1 + "/models").json()["data"]]
+        assert "tiny:1b" not in ids
+    finally:
+        stop_server(s)
+        for p in (models_cache / "manifests").rglob("*.json"):
+            p.unlink()  # leave the shared cache as other tests expect it
