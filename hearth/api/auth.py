@@ -279,11 +279,13 @@ class Exchange:
         self.idle = security.settings.stream_idle_timeout
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[Any] | None = None
+        self.cancelled_task: asyncio.Task[Any] | None = None
 
     async def send(self, message: Message) -> None:
         """The `send` the app sees."""
         kind = message["type"]
+        if self.idle_fired:  # the stream was cut; what the app still sends is dropped
+            return
         if kind == "http.response.start":
             self.rec.status = message["status"]
             self._start_idle_timer(message)
@@ -298,9 +300,9 @@ class Exchange:
     def _start_idle_timer(self, message: Message) -> None:
         content_type = dict(message.get("headers") or []).get(b"content-type", b"")
         self.streaming = content_type.startswith((b"text/event-stream", b"application/x-ndjson"))
-        if self.idle and self.idle > 0:
+        if self.streaming and self.idle > 0:
             loop = asyncio.get_running_loop()
-            self._task = asyncio.current_task()
+            self.cancelled_task = asyncio.current_task()
             self._last = loop.time()
             self._timer = loop.call_later(self.idle, self._check_idle)
 
@@ -312,8 +314,8 @@ class Exchange:
             return
         self._timer = None
         self.idle_fired = True
-        if self._task is not None:
-            self._task.cancel()
+        if self.cancelled_task is not None:
+            self.cancelled_task.cancel()
 
     def _stop_idle_timer(self) -> None:
         if self._timer is not None:
@@ -401,14 +403,17 @@ class SecurityMiddleware:
             await exchange.send_error(err)
             return
         try:
-            await self.app(scope, receive, exchange.send)
-        except asyncio.CancelledError:
-            if not exchange.idle_fired:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
+            try:
+                await self.app(scope, receive, exchange.send)
+            except asyncio.CancelledError:
+                # the idle bound cancels the task that sends the body: this one (ASGI 2.4) or a
+                # child of the response's task group (2.3), whose cancellation ends the app normally
+                task = asyncio.current_task()
+                if not exchange.idle_fired or task is not exchange.cancelled_task or task is None:
+                    raise
                 task.uncancel()
-            await exchange.end_idle_stream()
+            if exchange.idle_fired and not exchange.persisted:
+                await exchange.end_idle_stream()
         finally:
             exchange.finish()
 

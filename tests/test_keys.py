@@ -1,0 +1,138 @@
+"""Key store: secrets shown once and stored hashed, revoke, rotate with overlap, expiry, patterns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hearth.store.db import MIGRATIONS, open_database
+from hearth.store.keys import KeyError_, KeyStore, hash_secret, parse_duration, parse_when
+
+
+class Clock:
+    """A settable clock."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> KeyStore:
+    return KeyStore(open_database(tmp_path / "hearth.db"), clock)
+
+
+def test_secret_is_shown_once_and_only_its_hash_is_stored(store: KeyStore, tmp_path: Path) -> None:
+    key, secret = store.create("paperless", role="service")
+    assert secret.startswith("hk-") and len(secret) == 3 + 43  # 32 random bytes, base64url
+    assert store.verify(secret) is not None and store.verify(secret).name == "paperless"
+    store.db.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("hearth.db*"))
+    assert secret.encode() not in raw
+    assert hash_secret(secret).encode() in raw
+    assert key.prefixes == [secret[:11]]
+
+
+def test_secrets_are_unique_and_wrong_ones_fail(store: KeyStore) -> None:
+    _, a = store.create("a")
+    _, b = store.create("b")
+    assert a != b
+    assert store.verify(a[:-1] + ("A" if a[-1] != "A" else "B")) is None
+    assert store.verify("hk-short") is None
+    assert store.verify("sk-" + a[3:]) is None
+
+
+def test_revoke_is_immediate_and_name_can_be_reused(store: KeyStore) -> None:
+    _, secret = store.create("voice")
+    store.revoke("voice")
+    assert store.verify(secret) is None
+    assert [k.name for k in store.list()] == []
+    assert [k.name for k in store.list(include_revoked=True)] == ["voice"]
+    _, again = store.create("voice")
+    assert store.verify(again) is not None and store.verify(secret) is None
+    assert store.any_keys()
+
+
+def test_rotate_with_overlap_then_only_new(store: KeyStore, clock: Clock) -> None:
+    _, old = store.create("chat")
+    key, new = store.rotate("chat", overlap=3600)
+    assert len(key.prefixes) == 2
+    assert store.verify(old) is not None and store.verify(new) is not None
+    clock.t += 3601
+    assert store.verify(old) is None
+    assert store.verify(new) is not None
+    assert store.get("chat").prefixes == [new[:11]]
+
+
+def test_rotate_without_overlap_stops_old_at_once(store: KeyStore) -> None:
+    _, old = store.create("chat")
+    _, new = store.rotate("chat")
+    assert store.verify(old) is None and store.verify(new) is not None
+
+
+def test_expiry(store: KeyStore, clock: Clock) -> None:
+    _, secret = store.create("temp", expires_at=clock.t + 60)
+    assert store.verify(secret) is not None
+    clock.t += 61
+    assert store.verify(secret) is None
+
+
+def test_admin_detection_ignores_revoked_and_expired(store: KeyStore, clock: Clock) -> None:
+    assert not store.any_keys() and not store.has_admin()
+    store.create("u", role="user")
+    assert store.any_keys() and not store.has_admin()
+    store.create("boss", role="admin", expires_at=clock.t + 10)
+    assert store.has_admin()
+    clock.t += 11
+    assert not store.has_admin()
+
+
+def test_model_patterns(store: KeyStore) -> None:
+    key, _ = store.create("ha", models=["gemma3*", "qwen*:7b"])
+    assert key.allows_model(["gemma3-270m:latest"])
+    assert key.allows_model(["qwen2.5:7b"])
+    assert not key.allows_model(["llama3:8b", "llama3"])
+    assert store.create("all")[0].allows_model(["anything"])
+
+
+@pytest.mark.parametrize("name,role,rpm,fix", [
+    ("has space", "user", None, "letters"),
+    ("ok", "root", None, "role must be one of"),
+    ("ok", "user", 0, "--rpm must be 1 or more"),
+])
+def test_bad_keys_say_what_to_fix(store: KeyStore, name: str, role: str, rpm: int | None, fix: str) -> None:
+    with pytest.raises(KeyError_, match=fix):
+        store.create(name, role=role, rpm=rpm)
+
+
+def test_duplicate_and_missing_names(store: KeyStore) -> None:
+    store.create("dup")
+    with pytest.raises(KeyError_, match="already exists"):
+        store.create("dup")
+    with pytest.raises(KeyError_, match="no key named 'nope'"):
+        store.revoke("nope")
+
+
+def test_durations_and_dates() -> None:
+    assert parse_duration("24h") == 86400 and parse_duration("90s") == 90 and parse_duration("15") == 15
+    assert parse_when("2d", lambda: 100.0) == 100 + 2 * 86400
+    assert parse_when("1h", lambda: 10000.0, future=False) == 10000 - 3600
+    assert parse_when("2030-01-01T00:00+00:00") == 1893456000
+    with pytest.raises(KeyError_, match="not understood"):
+        parse_when("next tuesday")
+
+
+def test_migrations_are_idempotent(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "x.db")
+    db.close()
+    db = open_database(tmp_path / "x.db")
+    assert db.query("PRAGMA user_version")[0][0] == len(MIGRATIONS)
+    assert db.query("PRAGMA journal_mode")[0][0] == "wal"
