@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from hearth.core import record
 from hearth.core.engine import Engine, Generation
 from hearth.core.structured import check_enforceable, check_schema, validate_output
-from hearth.core.types import Chunk, GenerateRequest, ModelInfo, Usage
+from hearth.core.types import Chunk, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, Usage
 
 
 def new_id(prefix: str) -> str:
@@ -56,6 +56,14 @@ class Observed:
 
     async def aclose(self) -> None:
         await self.gen.aclose()
+
+
+async def embed(engine: Engine, info: ModelInfo, req: EmbedRequest) -> EmbedResult:
+    """Embed through `engine`, noting the model and prompt tokens in the request record."""
+    record.note_model(info)
+    result = await engine.embed(info, req)
+    record.note_usage(Usage(prompt_tokens=result.prompt_tokens))
+    return result
 
 
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:

@@ -135,7 +135,7 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
 async def _embed_or_load(request: Request, engine: Engine, info: ModelInfo, req: EmbedRequest) -> EmbedResult | None:
     """Embed the inputs; with none, only load (or unload, keep_alive 0) the model."""
     if req.inputs:
-        return await until_disconnect(request, engine.embed(info, req))
+        return await until_disconnect(request, serving.embed(engine, info, req))
     if req.keep_alive == 0:
         await engine.unload(info)
     else:

@@ -147,7 +147,7 @@ async def embeddings(request: Request) -> Response:
     wire = parse(w.EmbeddingRequest, await read_json(request, state.settings.max_body_bytes))
     req = convert.embed_request(wire)
     engine, info = await state.router.resolve(req.model)
-    result = await until_disconnect(request, engine.embed(info, req))
+    result = await until_disconnect(request, serving.embed(engine, info, req))
     result.model = wire.model or info.id
     return JSONResponse(convert.embed_response(result, wire.encoding_format))
 
