@@ -111,6 +111,7 @@ class Security:
                                        if getattr(up, "cloud", False))
         self._keys_on = False
         self._labels: dict[str, str] = {}
+        self._touched: dict[int, float] = {}
 
     def keys_on(self) -> bool:
         """True once any key exists (checked each request until it becomes true: the CLI may add one)."""
@@ -211,10 +212,13 @@ class Security:
                 dialect=rec.dialect, route=rec.route, status=rec.status, prompt_tokens=rec.prompt_tokens,
                 completion_tokens=rec.completion_tokens, cached_tokens=rec.cached_tokens, ttft_ms=rec.ttft_ms,
                 duration_ms=rec.duration_ms)
-            with self.db.transaction():
-                self.usage.record(row)
-                if key is not None:
+            if key is not None and t - self._touched.get(key.id, 0.0) >= 1.0:  # last-used, to the second
+                self._touched[key.id] = t
+                with self.db.transaction():
+                    self.usage.record(row)
                     self.keys.touch(key.id, t)
+            else:
+                self.usage.record(row)  # one statement: committed on its own
         if key is not None and tokens:
             self.limiter.add_tokens(key.id, tokens, t)
         self.metrics.observe(rec, rec.route)
