@@ -16,6 +16,7 @@ Target: keys - keyless <= 0.3 ms at p50.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -122,7 +123,84 @@ def measure(n: int) -> dict[str, list[float]]:
             proc.wait()
 
 
-def report(times: dict[str, list[float]]) -> None:
+def build_app(mode: str, home: Path) -> tuple[object, dict[str, str]]:
+    """An in-process app in `mode` and the headers its requests carry."""
+    from hearth.api.auth import SecurityMiddleware
+    from hearth.app import create_app
+    from hearth.engines.fake import FakeEngine
+    from hearth.settings import Settings
+
+    home.mkdir()
+    headers = {"content-type": "application/json"}
+    if mode == "keys":
+        from hearth.store.db import open_database
+        from hearth.store.keys import KeyStore
+
+        db = open_database(home / "hearth.db")
+        _, secret = KeyStore(db).create("bench", models=["fake*"], rpm=10_000_000, tokens_per_day=10**12)
+        db.close()
+        headers["authorization"] = f"Bearer {secret}"
+    app = create_app(Settings(home=home, fake=True), [FakeEngine(delay=0.0)])
+    if mode == "bare":
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not SecurityMiddleware]
+    return app, headers
+
+
+async def asgi_once(app: object, headers: dict[str, str]) -> float:
+    """One chat completion straight through the ASGI app (no sockets); seconds taken."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 1),
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]
+             + [(b"content-length", str(len(BODY)).encode())]}
+    sent = False
+    status = 0
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    t = time.perf_counter()
+    await app(scope, receive, send)  # type: ignore[operator]
+    dt = time.perf_counter() - t
+    if status != 200:
+        raise SystemExit(f"in-process request failed: {status}")
+    return dt
+
+
+def measure_in_process(n: int) -> dict[str, list[float]]:
+    """The middleware's own cost, without sockets or another process's scheduling."""
+    root = Path(tempfile.mkdtemp(prefix="hearth-bench-asgi-"))
+    apps = {m: build_app(m, root / m) for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+
+    async def run() -> None:
+        for i in range(n + 200):
+            for m in (MODES if i % 2 else MODES[::-1]):
+                dt = await asgi_once(*apps[m])
+                if i >= 200:
+                    times[m].append(dt)
+
+    uvloop_run(run())
+    return times
+
+
+def uvloop_run(coro: object) -> None:
+    import uvloop
+
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def report(title: str, times: dict[str, list[float]]) -> None:
     from hearth.cli.table import print_table
 
     ms = {m: (pct(t, 0.5) * 1e3, pct(t, 0.99) * 1e3, sum(t) / len(t) * 1e3) for m, t in times.items()}
@@ -130,7 +208,7 @@ def report(times: dict[str, list[float]]) -> None:
     for a, b in (("keys", "keyless"), ("keyless", "bare"), ("keys", "bare")):
         rows.append([f"{a} - {b}", f"{ms[a][0] - ms[b][0]:+.3f}", f"{ms[a][1] - ms[b][1]:+.3f}",
                      f"{ms[a][2] - ms[b][2]:+.3f}"])
-    print(f"{len(times['keys'])} requests per mode, interleaved; milliseconds per request")
+    print(f"{title}: {len(times['keys'])} requests per mode, interleaved; milliseconds per request")
     print_table(["MODE", "P50 MS", "P99 MS", "MEAN MS"], rows)
     verdict = "meets" if ms["keys"][0] - ms["keyless"][0] <= 0.3 else "MISSES"
     print(f"auth + usage over keyless at p50: {ms['keys'][0] - ms['keyless'][0]:+.3f} ms ({verdict} the 0.3 ms target)")
@@ -146,7 +224,9 @@ def main() -> None:
     if args.serve:
         run_server(args.serve, args.port, args.home)
         return
-    report(measure(args.requests))
+    report("over HTTP (uvicorn + httptools, keep-alive)", measure(args.requests))
+    print()
+    report("in process (ASGI app called directly: the middleware's own cost)", measure_in_process(args.requests))
 
 
 if __name__ == "__main__":
