@@ -389,34 +389,45 @@ class UpstreamGeneration:
             await self.aclose()
 
     async def _texts(self) -> AsyncIterator[str]:
-        """Text pieces, with the first-token and idle timeouts and clean errors."""
+        """Text pieces, with the first-token and idle timeouts and clean errors.
+
+        Reads whatever bytes have arrived (one timeout per read, not per line:
+        an instant upstream's whole answer is usually one read).
+        """
         eng, parser, content = self.engine, self.parser, self.resp.content
         t = eng.cfg.timeouts
         deadline = time.monotonic() + t.first_token
         started = False
+        rest = b""
         while True:
             try:
                 async with asyncio.timeout(t.idle if started else max(0.0, deadline - time.monotonic())):
-                    line = await content.readline()
+                    data = await content.readany()
             except TimeoutError:
                 what = f"sent nothing for {t.idle:g}s (timeouts.idle)" if started else \
                     f"sent no token within {t.first_token:g}s (timeouts.first_token)"
                 raise self._broken(what, status=504) from None
             except RETRYABLE as exc:
                 raise self._broken(f"broke the connection: {describe(exc)}") from None
-            if not line:
-                if parser.done or parser.finish:
+            if not data:
+                if rest:
+                    data = b"\n"  # a last line without a newline
+                elif parser.done or parser.finish:
                     return
-                raise self._broken("closed the stream before finishing")
-            try:
-                text = parser.feed(line)
-            except UpstreamError as exc:
-                raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
-            if text:
-                started = True
-                yield text
-            if parser.done:
-                return
+                else:
+                    raise self._broken("closed the stream before finishing")
+            lines = (rest + data).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                try:
+                    text = parser.feed(line)
+                except UpstreamError as exc:
+                    raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
+                if text:
+                    started = True
+                    yield text
+                if parser.done:
+                    return
 
     def _broken(self, what: str, status: int = 502) -> UpstreamError:
         """The clean error a caller gets when a started stream fails (never retried)."""
