@@ -12,8 +12,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import re
-from datetime import datetime, timezone
+import time
 from typing import Any
 
 from hearth.api.ollama import schemas as w
@@ -43,7 +44,8 @@ KEEP_ALIVE_HINT = 'use a duration such as "5m", "1h30m", "30s", seconds as a num
 # -- small values ------------------------------------------------------------------
 def rfc3339(ts: float) -> str:
     """Unix time -> RFC 3339 / ISO 8601 in UTC with microseconds (`...Z`)."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    secs = math.floor(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{int((ts - secs) * 1e6):06d}Z"
 
 
 def _go_duration(text: str) -> float | None:
