@@ -170,7 +170,11 @@ async def tags(request: Request) -> Response:
 
 
 async def show(request: Request) -> Response:
-    """`POST /api/show`: details, GGUF metadata, template, parameters, capabilities."""
+    """`POST /api/show`: details, GGUF metadata, template, parameters, capabilities.
+
+    `verbose` is accepted but changes nothing: hearth never reads the large
+    tokenizer arrays of a GGUF, so there is nothing extra to show.
+    """
     state = request.app.state.hearth
     wire = parse(w.ShowRequest, await read_json(request, state.settings.max_body_bytes))
     if not wire.model_name():
