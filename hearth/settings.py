@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     slots: int = Field(8, ge=1, le=256, description="Sequences the in-box engine decodes together.")
     ctx_per_slot: int = Field(4096, ge=256, description="Context length of each slot, in tokens.")
     batch_size: int = Field(512, ge=32, description="Most tokens fed to one decode step.")
+    prefill_chunk: int = Field(
+        64, ge=8, le=4096,
+        description="Prompt tokens read per step while other requests are generating (and the "
+        "granularity of prefix reuse).",
+    )
     deterministic: bool = Field(
         True,
         description="Same seed, same output whatever else is batched (turns off llama.cpp weight "

@@ -33,6 +33,7 @@ class WorkerArgs:
     batch: int
     threads: int
     prefill_chunk: int = 256
+    deterministic: bool = True
 
 
 class WorkerClient:
@@ -62,6 +63,8 @@ class WorkerClient:
             "--ctx", str(a.ctx), "--batch", str(a.batch), "--threads", str(a.threads),
             "--prefill-chunk", str(a.prefill_chunk),
         ]
+        if not a.deterministic:
+            cmd.append("--fast")
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -228,7 +228,8 @@ class LlamaCppEngine:
                 await asyncio.to_thread(ensure_fits, sm.info.id, sm.path, sm.info.context_length, s.slots,
                                         max(s.batch_size, s.slots))
                 worker = WorkerClient(sm.info.id, WorkerArgs(
-                    str(sm.path), s.slots, sm.info.context_length, s.batch_size, self.threads))
+                    str(sm.path), s.slots, sm.info.context_length, s.batch_size, self.threads,
+                    prefill_chunk=s.prefill_chunk, deterministic=s.deterministic))
                 info = await worker.start()
                 sm.worker = worker
                 sm.formatter = ChatFormatter(info.get("chat_template"), info.get("architecture", ""),

@@ -32,9 +32,13 @@ def silence_logs() -> None:
 class Model:
     """A loaded GGUF model with a generation context and an embedding context."""
 
-    def __init__(self, path: str, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int) -> None:
+    def __init__(self, path: str, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int,
+                 deterministic: bool = True) -> None:
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
+        # Repacked weights use different kernels for 1 row and for 4+ rows, so a
+        # sequence's logits would depend on what else is in the batch.
+        mparams.use_extra_bufts = not deterministic
         self.model = L.llama_model_load_from_file(path.encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -53,6 +57,11 @@ class Model:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False
+        if deterministic:
+            # CPU flash attention picks its kernel by chunk shape, so a prompt read in
+            # other chunks (as happens when batched) would give other numbers.
+            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.swa_full = True  # keep whole sliding-window KV so prefixes can be reused
         cparams.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -169,6 +178,8 @@ class Model:
         """Append a token; returns its index in the batch."""
         b = self.batch
         i = b.n_tokens
+        if i >= self.batch_cap:
+            raise OverflowError("batch is full")
         b.token[i] = token
         b.pos[i] = pos
         b.n_seq_id[i] = 1

@@ -24,6 +24,9 @@ from hearth.engines.llamacpp.ipc import BlockingChannel, pack
 from hearth.engines.llamacpp.textout import TextOut
 
 
+GROUP = 7  # most sequences per decode in deterministic mode (see step_deterministic)
+
+
 @dataclass
 class Seq:
     """One request being served in a slot."""
@@ -51,6 +54,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     seq: Seq | None = None
     used_at: float = 0.0
+    canonical: int = 0  # leading tokens read in whole, position-aligned chunks
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -64,7 +68,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Worker:
     """The batching loop. All llama.cpp calls happen on this thread."""
 
-    def __init__(self, model: Any, chan: BlockingChannel, prefill_chunk: int) -> None:
+    def __init__(self, model: Any, chan: BlockingChannel, prefill_chunk: int, deterministic: bool) -> None:
         self.m = model
         self.chan = chan
         self.inbox: queue.Queue[Any] = queue.Queue()
@@ -72,6 +76,7 @@ class Worker:
         self.waiting: deque[Seq] = deque()
         self.embeds: deque[list[Any]] = deque()
         self.prefill_chunk = prefill_chunk
+        self.deterministic = deterministic
         self.out: list[bytes] = []
         self.running = True
 
@@ -157,6 +162,9 @@ class Worker:
             best = max(free, key=lambda s: (common_prefix(s.tokens, seq.prompt), -s.used_at))
             free.remove(best)
             keep = min(common_prefix(best.tokens, seq.prompt), len(seq.prompt) - 1)
+            if self.deterministic:
+                # Reuse only whole chunks that were read as whole chunks.
+                keep = min(keep, best.canonical) // self.prefill_chunk * self.prefill_chunk
             if not self.m.seq_rm(best.seq_id, keep, -1):
                 self.m.seq_rm(best.seq_id, -1, -1)
                 keep = 0
@@ -164,6 +172,7 @@ class Worker:
             seq.cached = keep
             seq.t_admit = time.perf_counter_ns()
             best.seq = seq
+            best.canonical = len(seq.prompt) // self.prefill_chunk * self.prefill_chunk
 
     def release(self, slot: Slot) -> None:
         if slot.seq is not None:
@@ -171,47 +180,98 @@ class Worker:
         slot.seq = None
         slot.used_at = time.monotonic()
 
-    def build_batch(self) -> int:
-        m = self.m
-        m.batch_clear()
-        generating = [s for s in self.slots if s.seq and s.seq.last >= 0]
+    def add_generating(self, only: list[Slot] | None = None) -> list[Slot]:
+        """Put the next token of every (or `only` these) generating sequence(s) into the batch."""
+        generating = only if only is not None else [s for s in self.slots if s.seq and s.seq.last >= 0]
         for slot in generating:
             seq = slot.seq
             assert seq is not None
-            seq.logits_at = m.batch_add(seq.last, len(slot.tokens), slot.seq_id, True)
+            seq.logits_at = self.m.batch_add(seq.last, len(slot.tokens), slot.seq_id, True)
             slot.tokens.append(seq.last)
+        return generating
+
+    def prefilling(self) -> list[Slot]:
+        """Slots still reading their prompt, oldest admission first."""
+        slots = [s for s in self.slots if s.seq and s.seq.last < 0]
+        return sorted(slots, key=lambda s: s.seq.t_admit if s.seq else 0)
+
+    def add_prompt(self, slot: Slot, take: int) -> int:
+        """Put up to `take` more prompt tokens of `slot` into the batch."""
+        seq = slot.seq
+        assert seq is not None
+        start = len(slot.tokens)
+        take = min(take, len(seq.prompt) - start)
+        for pos in range(start, start + take):
+            last = pos == len(seq.prompt) - 1
+            idx = self.m.batch_add(seq.prompt[pos], pos, slot.seq_id, last)
+            if last:
+                seq.logits_at = idx
+        slot.tokens.extend(seq.prompt[start:start + take])
+        return take
+
+    def decode(self) -> bool:
+        """Decode the batch and sample every sequence that got logits in it."""
+        if self.m.batch.n_tokens == 0:
+            return True
+        rc = self.m.decode()
+        if rc != 0:
+            self.fail_active(f"llama_decode failed (code {rc})")
+            return False
+        for slot in self.slots:
+            seq = slot.seq
+            if seq is not None and seq.logits_at >= 0:
+                self.sample(slot, seq)
+        return True
+
+    def step_fast(self) -> None:
+        """One llama_decode: a token per generating sequence plus prompt chunks."""
+        m = self.m
+        m.batch_clear()
+        generating = self.add_generating()
         budget = m.batch_cap - len(generating)
         if generating:
             budget = min(budget, self.prefill_chunk)
-        prefilling = sorted((s for s in self.slots if s.seq and s.seq.last < 0), key=lambda s: s.seq.t_admit)
-        for slot in prefilling:
-            seq = slot.seq
-            assert seq is not None
-            seq.logits_at = -1
-            start = len(slot.tokens)
-            take = min(budget, len(seq.prompt) - start)
-            for pos in range(start, start + take):
-                last = pos == len(seq.prompt) - 1
-                idx = m.batch_add(seq.prompt[pos], pos, slot.seq_id, last)
-                if last:
-                    seq.logits_at = idx
-            slot.tokens.extend(seq.prompt[start:start + take])
-            budget -= take
+        for slot in self.prefilling():
+            budget -= self.add_prompt(slot, budget)
             if budget <= 0:
                 break
-        return m.batch.n_tokens
+        self.decode()
+
+    def step_deterministic(self) -> None:
+        """Generating tokens in one decode, then prompts in fixed, position-aligned chunks.
+
+        llama.cpp's numbers for a token depend on the shape of the chunk it is
+        read in, so every prompt is read in the same chunks (multiples of
+        `prefill_chunk` from position 0) whatever else is running: a seeded
+        request then gives the same output alone or in a full batch.
+        """
+        m = self.m
+        generating = [s for s in self.slots if s.seq and s.seq.last >= 0]
+        # At 8+ rows llama.cpp's CPU matmul takes another kernel for some rows, so
+        # generating sequences are decoded in groups of at most GROUP rows.
+        groups = -(-len(generating) // GROUP)
+        for g in range(groups):
+            m.batch_clear()
+            self.add_generating(generating[g::groups])
+            if not self.decode():
+                return
+        budget = self.prefill_chunk if generating else m.batch_cap
+        chunk = self.prefill_chunk
+        for slot in self.prefilling():
+            while budget > 0 and slot.seq is not None and slot.seq.last < 0:
+                start = len(slot.tokens)
+                size = min(chunk - start % chunk, len(slot.seq.prompt) - start)
+                m.batch_clear()
+                self.add_prompt(slot, size)
+                if not self.decode():
+                    return
+                budget -= size
 
     def step(self) -> None:
-        n = self.build_batch()
-        if n:
-            rc = self.m.decode()
-            if rc != 0:
-                self.fail_active(f"llama_decode failed (code {rc})")
-                return
-            for slot in self.slots:
-                seq = slot.seq
-                if seq is not None and seq.logits_at >= 0:
-                    self.sample(slot, seq)
+        if self.deterministic:
+            self.step_deterministic()
+        else:
+            self.step_fast()
         if self.embeds:
             self.embed_step()
 
@@ -294,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--fast", action="store_true", help="allow batch-dependent kernels (repacking)")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     chan = BlockingChannel(sock)
@@ -301,12 +362,13 @@ def main(argv: list[str] | None = None) -> None:
 
     native.silence_logs()
     try:
-        model = native.Model(args.model, args.slots, args.ctx, args.batch, args.threads)
+        model = native.Model(args.model, args.slots, args.ctx, args.batch, args.threads,
+                             deterministic=not args.fast)
     except Exception as exc:  # reported to the gateway, then exit
         chan.send(("fatal", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
     chan.send(("ready", model.describe()))
-    Worker(model, chan, args.prefill_chunk).run()
+    Worker(model, chan, args.prefill_chunk, deterministic=not args.fast).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Every bad input gets a clear 4xx in OpenAI's envelope, never a 500 or a traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("errors-home")
+    (home / "hearth.toml").write_text("max_body_bytes = 16384\nmax_queue = 0\nslots = 1\n")
+    s = start_server(home, "--fake", timeout=30)
+    yield s
+    stop_server(s)
+
+
+def post(server: Server, path: str, body: object | None = None, content: bytes | None = None) -> httpx.Response:
+    if content is not None:
+        return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"})
+    return httpx.post(server.url + path, json=body)
+
+
+def assert_envelope(r: httpx.Response, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "Traceback" not in err["message"]
+    for w in words:
+        assert w in err["message"], err["message"]
+    return err
+
+
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "words", "param"),
+    [
+        ({"messages": "hello"}, ["messages"], "messages"),
+        ({"messages": []}, ["messages"], "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, ["messages.0.role"], "messages.0.role"),
+        ({"messages": MSG, "temperature": "hot"}, ["temperature"], "temperature"),
+        ({"messages": MSG, "temperature": 5}, ["temperature"], "temperature"),
+        ({"messages": MSG, "max_tokens": 0}, ["max_tokens"], "max_tokens"),
+        ({"messages": MSG, "n": 0}, ["n"], "n"),
+        ({"messages": MSG, "stop": 5}, ["stop"], None),
+        ({"messages": MSG, "logit_bias": {"abc": 1}}, ["logit_bias"], "logit_bias"),
+        ({"messages": MSG, "logprobs": True}, ["logprobs"], "logprobs"),
+        ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"], "tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                       "image_url": {"url": "http://x/y.png"}}]}]},
+         ["does not fetch"], None),
+        ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "integer", "multipleOf": 3}}}}, ["multipleOf"], "response_format"),
+        ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         ["schema"], None),
+        ({"messages": MSG, "response_format": {"type": "xml"}}, ["response_format.type"], None),
+    ],
+)
+def test_bad_chat_fields_are_400_naming_the_field(server: Server, body: dict, words: list[str],
+                                                   param: str | None) -> None:
+    err = assert_envelope(post(server, CHAT, body), 400, *words)
+    if param:
+        assert err["param"] == param
+
+
+def test_malformed_json(server: Server) -> None:
+    assert_envelope(post(server, CHAT, content=b"{nope"), 400, "not valid JSON")
+    assert_envelope(post(server, CHAT, content=b"[1, 2]"), 400, "JSON object")
+    assert_envelope(post(server, CHAT, content=b""), 400, "empty")
+
+
+def test_body_over_limit_is_413(server: Server) -> None:
+    big = {"messages": [{"role": "user", "content": "x" * 20000}]}
+    assert_envelope(post(server, CHAT, big), 413, "16384")
+
+
+def test_unknown_model_404_lists_models(server: Server) -> None:
+    err = assert_envelope(post(server, CHAT, {"model": "gpt-9", "messages": MSG}), 404, "gpt-9", "fake:latest")
+    assert err["code"] == "model_not_found"
+
+
+def test_context_length_exceeded(server: Server) -> None:
+    err = assert_envelope(post(server, CHAT, {"messages": [{"role": "user", "content": "w " * 2100}]}),
+                          400, "2048")
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_unknown_route_and_method(server: Server) -> None:
+    assert_envelope(httpx.get(server.url + "/v1/nothing"), 404, "/v1/nothing")
+    assert_envelope(httpx.get(server.url + CHAT), 405, "GET")
+
+
+def test_bad_embeddings(server: Server) -> None:
+    assert_envelope(post(server, "/v1/embeddings", {"input": []}), 400, "input")
+    assert_envelope(post(server, "/v1/embeddings", {"input": "x", "encoding_format": "hex"}), 400,
+                    "encoding_format")
+    assert_envelope(post(server, "/v1/embeddings", {"input": "x", "dimensions": 3}), 400, "16")
+
+
+def test_bad_completions(server: Server) -> None:
+    assert_envelope(post(server, "/v1/completions", {"prompt": []}), 400, "prompt")
+    assert_envelope(post(server, "/v1/completions", {"prompt": [1, 2, 3]}), 400, "token")
+    assert_envelope(post(server, "/v1/completions", {"prompt": "x", "suffix": "y"}), 400, "suffix")
+
+
+def test_unknown_fields_are_ignored(server: Server) -> None:
+    r = post(server, CHAT, {"messages": MSG, "max_tokens": 3, "vendor_extra": {"a": 1}, "cache_prompt": True})
+    assert r.status_code == 200
+
+
+def test_sdk_raises_typed_errors(server: Server) -> None:
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MSG)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="fake", messages=MSG, temperature=9)  # type: ignore[arg-type]
+
+
+def test_mid_stream_error_is_an_sse_error_event(server: Server) -> None:
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": "FAIL_MIDSTREAM"}], stream=True, max_tokens=10)
+    with pytest.raises(openai.APIError) as exc:
+        for _ in stream:
+            pass
+    assert "mid-stream" in str(exc.value)
+
+
+def test_config_file_is_reported(server: Server, tmp_path: Path) -> None:
+    r = httpx.get(server.url + "/ready")
+    assert r.status_code == 200
