@@ -62,7 +62,14 @@ def test_worker_killed_mid_stream_gives_clean_error_and_recovers(server: Server)
     assert events[-1]["error"]["code"] == "engine_unavailable"
     assert "retry" in events[-1]["error"]["message"]
     assert httpx.get(server.url + "/health").status_code == 200
-    # The next request succeeds on a new worker.
+    # A new worker is started without waiting for a request.
+    deadline = time.time() + 30
+    while time.time() < deadline and not [p for p in worker_pids(server) if p != pid]:
+        time.sleep(0.2)
+    assert [p for p in worker_pids(server) if p != pid], "worker was not restarted"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "restart" in metrics
+    # The next request succeeds on the new worker.
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     resp = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3)
     assert resp.choices[0].text is not None

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,9 @@ class WorkerClient:
         self.alive = False
         self.ids = itertools.count()
         self.load_seconds = 0.0
+        self.stopping = False
+        self.on_death: Callable[[], None] | None = None
+        self.restarts = 0
 
     async def start(self) -> dict[str, Any]:
         """Spawn the worker and wait until its model is loaded."""
@@ -112,6 +116,8 @@ class WorkerClient:
                           self.name, code, len(self.inboxes))
             for rid, box in list(self.inboxes.items()):
                 box.put_nowait(("dead", rid, code))
+            if not self.stopping and self.on_death is not None:
+                self.on_death()
 
     def new_id(self) -> str:
         return f"r{next(self.ids)}"
@@ -135,6 +141,7 @@ class WorkerClient:
 
     async def stop(self) -> None:
         """Ask the worker to exit; kill it if it does not."""
+        self.stopping = True
         if self.proc is None:
             return
         if self.alive and self.writer is not None:

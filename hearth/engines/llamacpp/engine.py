@@ -140,6 +140,8 @@ class LlamaCppEngine:
         self.threads = settings.threads or physical_cores()
         self.served: dict[str, ServedModel] = {}
         self.reaper: asyncio.Task[None] | None = None
+        self.restarts = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- model table ------------------------------------------------------------
     def _register(self, name: str, path: Path, dims: list[int]) -> None:
@@ -231,6 +233,7 @@ class LlamaCppEngine:
                     str(sm.path), s.slots, sm.info.context_length, s.batch_size, self.threads,
                     prefill_chunk=s.prefill_chunk, deterministic=s.deterministic))
                 info = await worker.start()
+                worker.on_death = lambda: self._restart_soon(sm)
                 sm.worker = worker
                 sm.formatter = ChatFormatter(info.get("chat_template"), info.get("architecture", ""),
                                              info.get("bos", ""), info.get("eos", ""))
@@ -239,6 +242,28 @@ class LlamaCppEngine:
             if keep_alive is not None or sm.expires_at is None or load_ns:
                 self._keep(sm, keep_alive)
             return sm.worker, load_ns
+
+    def _restart_soon(self, sm: ServedModel) -> None:
+        """A worker died unasked: start a new one now, so the next request finds it ready."""
+        self.restarts += 1
+
+        async def restart() -> None:
+            try:
+                await self._worker(sm, None)
+            except HearthError as exc:
+                log.error("could not restart the engine worker for %s: %s", sm.info.id, exc.message)
+
+        self._tasks.add(task := asyncio.ensure_future(restart()))
+        task.add_done_callback(self._tasks.discard)
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, active sequences and restarts (for /metrics)."""
+        outstanding = sum(sm.worker.outstanding for sm in self.served.values() if sm.worker)
+        return {
+            "queue_depth": max(0, outstanding - self.settings.slots),
+            "active_sequences": min(outstanding, self.settings.slots),
+            "restarts": self.restarts,
+        }
 
     async def _reap(self) -> None:
         while True:

@@ -1,0 +1,251 @@
+"""Pure unit tests: settings precedence, OpenAI converters, stop strings, chat fallbacks, GGUF reader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hearth.api.openai import convert
+from hearth.api.openai import schemas as w
+from hearth.core.errors import BadRequest
+from hearth.core.structured import StructuredOutputError, check_enforceable, validate_output
+from hearth.core.types import EmbedResult, Message, ResponseFormat, Usage
+from hearth.engines.llamacpp.chat_format import ChatFormatter, fallback_for
+from hearth.engines.llamacpp.native_spec import sampler_spec
+from hearth.engines.llamacpp.textout import TextOut
+from hearth.settings import SettingsError, load_settings
+
+# -- settings -----------------------------------------------------------------
+
+
+def test_settings_precedence_and_sources(tmp_path: Path) -> None:
+    toml = tmp_path / "hearth.toml"
+    toml.write_text('port = 9000\nslots = 2\nhost = "127.0.0.2"\n')
+    loaded = load_settings(flags={"port": 9100}, config=str(toml),
+                           env={"HEARTH_SLOTS": "3", "HEARTH_HOME": str(tmp_path)})
+    s = loaded.settings
+    assert (s.port, s.slots, s.host) == (9100, 3, "127.0.0.2")
+    assert loaded.sources["port"] == "flag"
+    assert loaded.sources["slots"] == "env HEARTH_SLOTS"
+    assert loaded.sources["host"] == str(toml)
+    assert loaded.sources["ctx_per_slot"] == "default"
+
+
+def test_settings_env_json_and_home(tmp_path: Path) -> None:
+    loaded = load_settings(env={"HEARTH_HOME": str(tmp_path / "h"), "HEARTH_ALIASES": '{"x": "y:latest"}'},
+                           config=None)
+    assert loaded.settings.home == tmp_path / "h"
+    assert loaded.settings.aliases == {"x": "y:latest"}
+    assert loaded.settings.db_path == tmp_path / "h" / "hearth.db"
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("bogus = 1\n", ["unknown setting 'bogus'"]),
+    ("port = 'abc'\n", ["port"]),
+    ("port = [\n", ["not valid TOML"]),
+])
+def test_settings_errors_are_one_line(tmp_path: Path, text: str, words: list[str]) -> None:
+    toml = tmp_path / "hearth.toml"
+    toml.write_text(text)
+    with pytest.raises(SettingsError) as exc:
+        load_settings(config=str(toml), env={})
+    for word in words:
+        assert word in str(exc.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(config=str(tmp_path / "nope.toml"), env={})
+
+
+def test_hearth_config_command(tmp_path: Path) -> None:
+    toml = tmp_path / "hearth.toml"
+    toml.write_text("slots = 5\n")
+    env = {"HEARTH_HOME": str(tmp_path), "HEARTH_PORT": "12345", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "hearth", "config", "--config", str(toml), "--json"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    rows = {r["setting"]: r for r in json.loads(out)["settings"]}
+    assert rows["slots"]["value"] == 5 and rows["slots"]["source"] == str(toml)
+    assert rows["port"]["value"] == 12345 and rows["port"]["source"] == "env HEARTH_PORT"
+    assert all(r["description"] for r in rows.values())
+    table = subprocess.run([sys.executable, "-m", "hearth", "config", "--config", str(toml)],
+                           capture_output=True, text=True, env=env, check=True).stdout
+    assert "SETTING" in table and "env HEARTH_PORT" in table
+    bad = subprocess.run([sys.executable, "-m", "hearth", "config", "--config", str(tmp_path / "x.toml")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("hearth: error:") and "Traceback" not in bad.stderr
+
+
+# -- OpenAI converters ------------------------------------------------------------
+
+
+def chat(**kw: object) -> w.ChatCompletionRequest:
+    return w.ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def test_chat_request_mapping() -> None:
+    req = convert.chat_request(chat(
+        model="m", temperature=0.3, top_p=0.9, max_tokens=5, max_completion_tokens=7, stop="END", seed=4,
+        presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"12": -100}, user="u",
+        messages=[{"role": "developer", "content": "sys"},
+                  {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]))
+    assert req.max_tokens == 7  # max_completion_tokens wins
+    assert req.stop == ["END"]
+    assert req.messages == [Message("system", "sys"), Message("user", "a\nb")]
+    assert req.sampling.logit_bias == {12: -100.0}
+    assert req.sampling.seed == 4 and req.user == "u"
+    spec = sampler_spec(req)
+    assert (spec.temperature, spec.top_p, spec.presence_penalty, spec.frequency_penalty) == (0.3, 0.9, 0.5, 0.25)
+    assert spec.grammar is None
+
+
+def test_response_formats() -> None:
+    assert convert.chat_request(chat(response_format={"type": "json_object"})).response_format.type == "json"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    req = convert.chat_request(chat(response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "x", "schema": schema}}))
+    assert req.response_format.schema == schema
+    assert "root" in (sampler_spec(req).grammar or "")
+
+
+def test_inline_image_decoded_and_url_refused() -> None:
+    req = convert.chat_request(chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]))
+    assert req.messages and req.messages[0].images == [b"hello"]
+    with pytest.raises(BadRequest, match="does not fetch"):
+        convert.chat_request(chat(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]}]))
+
+
+def test_completion_prompts() -> None:
+    assert convert.completion_prompts(w.CompletionRequest(prompt="a")) == ["a"]
+    assert convert.completion_prompts(w.CompletionRequest(prompt=["a", "b"])) == ["a", "b"]
+    with pytest.raises(BadRequest):
+        convert.completion_prompts(w.CompletionRequest(prompt=[[1, 2]]))
+    assert convert.completion_request(w.CompletionRequest(prompt="a"), "a").max_tokens == 16
+
+
+def test_embed_response_base64_roundtrip() -> None:
+    import base64
+    import struct
+
+    body = convert.embed_response(EmbedResult([[0.5, -0.25]], 3, "m"), "base64")
+    raw = base64.b64decode(body["data"][0]["embedding"])
+    assert struct.unpack("<2f", raw) == (0.5, -0.25)
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+
+
+def test_usage_body() -> None:
+    u = convert.usage_body(Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=2))
+    assert u["total_tokens"] == 7 and u["prompt_tokens_details"]["cached_tokens"] == 2
+
+
+# -- structured output ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keyword", ["multipleOf", "minimum", "not", "if", "patternProperties", "uniqueItems"])
+def test_unenforceable_keywords_named(keyword: str) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer", keyword: 2}}}
+    with pytest.raises(BadRequest, match=keyword):
+        check_enforceable(schema)
+
+
+def test_enforceable_schema_passes() -> None:
+    check_enforceable({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 20}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}},
+        "when": {"type": "string", "format": "date"}}, "required": ["name"], "additionalProperties": False})
+
+
+def test_validate_output() -> None:
+    fmt = ResponseFormat(type="json_schema", schema={"type": "object", "required": ["a"]})
+    validate_output('{"a": 1}', fmt, "stop")
+    with pytest.raises(StructuredOutputError, match="finish_reason=length"):
+        validate_output('{"a": ', fmt, "length")
+    with pytest.raises(StructuredOutputError, match="'a' is a required"):
+        validate_output("{}", fmt, "stop")
+    with pytest.raises(StructuredOutputError, match="not valid JSON"):
+        validate_output("nope", ResponseFormat(type="json"), "stop")
+
+
+# -- stop strings and UTF-8 -------------------------------------------------------
+
+
+def feed(out: TextOut, pieces: list[bytes]) -> str:
+    return "".join(out.push(p) for p in pieces) + out.flush()
+
+
+def test_stop_across_tokens_never_emitted() -> None:
+    out = TextOut(["STOP"])
+    assert feed(out, [b"hello S", b"T", b"OP and more"]) == "hello "
+    assert out.stopped
+
+
+def test_held_back_prefix_released_when_ruled_out() -> None:
+    out = TextOut(["STOP"])
+    assert out.push(b"a ST") == "a "
+    assert out.push(b"ART") == "START"
+    assert not out.stopped
+
+
+def test_split_utf8_characters() -> None:
+    data = "héllo 🙂".encode()
+    out = TextOut([])
+    assert feed(out, [data[i:i + 1] for i in range(len(data))]) == "héllo 🙂"
+
+
+def test_earliest_of_several_stops() -> None:
+    assert feed(TextOut(["xyz", "b"]), [b"abcxyz"]) == "a"
+
+
+# -- chat templates -----------------------------------------------------------------
+
+
+def test_gemma_fallback() -> None:
+    f = ChatFormatter(None, "gemma3", "<bos>", "<eos>")
+    text = f.render([Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"),
+                     Message("user", "Bye")])
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello"
+                    "<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    assert f.description == "fallback:gemma"
+    assert fallback_for("llama") == "llama3" and fallback_for("qwen2") == "chatml"
+
+
+def test_gguf_template_used_and_errors_are_400() -> None:
+    tpl = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+           "{% if add_generation_prompt %}[assistant]{% endif %}")
+    f = ChatFormatter(tpl, "qwen2", "<s>", "</s>")
+    assert f.render([Message("user", "x")]) == "<s>[user]x[assistant]"
+    bad = ChatFormatter("{{ raise_exception('no system role') }}", "x", "", "")
+    with pytest.raises(BadRequest, match="no system role"):
+        bad.render([Message("system", "x")])
+
+
+# -- GGUF metadata --------------------------------------------------------------------
+
+
+def test_gguf_reader_on_written_file(tmp_path: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from hearth.models.gguf_meta import read_gguf
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(64)
+    writer.add_file_type(15)
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(1000)])
+    writer.add_tensor("w", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = read_gguf(path)
+    assert (info.architecture, info.context_length, info.embedding_length) == ("llama", 2048, 64)
+    assert info.quantization == "Q4_K_M" and info.parameter_count == 32
+    assert info.array_lengths["tokenizer.ggml.tokens"] == 1000
