@@ -83,7 +83,16 @@ class Peer:
 
 async def stream_one(client: httpx.AsyncClient, peer: Peer, prompt: str, max_tokens: int,
                      seed: int) -> tuple[int, float, float]:
-    """(tokens, ttft seconds, total seconds) of one streamed completion."""
+    """(tokens, ttft seconds, total seconds) of one streamed completion (one retry on a
+    connection the server closed before answering)."""
+    try:
+        return await _stream_once(client, peer, prompt, max_tokens, seed)
+    except (httpx.RemoteProtocolError, httpx.ConnectError):
+        return await _stream_once(client, peer, prompt, max_tokens, seed)
+
+
+async def _stream_once(client: httpx.AsyncClient, peer: Peer, prompt: str, max_tokens: int,
+                       seed: int) -> tuple[int, float, float]:
     body = {"model": peer.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8,
             "seed": seed, "stream": True, "logit_bias": BAN_EOS}
     t0 = time.perf_counter()
@@ -103,10 +112,15 @@ async def stream_one(client: httpx.AsyncClient, peer: Peer, prompt: str, max_tok
     return tokens, first, time.perf_counter() - t0
 
 
+def new_client() -> httpx.AsyncClient:
+    """A fresh connection per request: no server is penalised for keep-alive handling."""
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 async def level(peer: Peer, n: int, rounds: int) -> dict[str, float]:
     """Aggregate tokens/s and median TTFT at n concurrent streams."""
     rates, ttfts = [], []
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with new_client() as client:
         await stream_one(client, peer, "Warm up:", 8, 0)
         for r in range(rounds):
             t0 = time.perf_counter()
@@ -123,7 +137,7 @@ async def level(peer: Peer, n: int, rounds: int) -> dict[str, float]:
 async def long_prompt_ttft(peer: Peer) -> float:
     """TTFT of a short request sent while a ~1,500-token prompt is being read."""
     long_prompt = " ".join(f"item{i % 97}" for i in range(1500 // 2))  # ~2 tokens per item
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with new_client() as client:
         background = asyncio.ensure_future(stream_one(client, peer, long_prompt, 4, 1))
         await asyncio.sleep(0.15)
         _, ttft, _ = await stream_one(client, peer, "Hi there", 4, 2)
@@ -197,6 +211,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
+        (home / "none.toml").write_text("")
         all_peers = peers(model_path, args.slots, args.threads, args.servers.split(","), home)
         steps = len(all_peers) * (len(levels) + 1)
         done = 0
@@ -207,10 +222,12 @@ def main() -> None:
                     done += 1
                     print(f"[{done}/{steps}] {peer.name}: {n} stream(s)", file=sys.stderr, flush=True)
                     peer.results[f"c{n}"] = asyncio.run(level(peer, n, args.rounds))
+                    print(f"      {peer.results[f'c{n}']}", file=sys.stderr, flush=True)
                 done += 1
                 print(f"[{done}/{steps}] {peer.name}: short request during a long prompt", file=sys.stderr,
                       flush=True)
                 peer.results["long"] = {"ttft_ms": asyncio.run(long_prompt_ttft(peer))}
+                print(f"      {peer.results['long']}", file=sys.stderr, flush=True)
             finally:
                 peer.stop()
     if args.json:

@@ -33,9 +33,21 @@ def sse_error(err: HearthError) -> bytes:
     return sse(convert.error_body(err))
 
 
-def _stream_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+async def _guarded(body: AsyncIterator[bytes], gens: list) -> AsyncIterator[bytes]:
+    """End a stream with an SSE error event on failure; always release the generations."""
+    try:
+        async for piece in body:
+            yield piece
+    except HearthError as err:
+        yield sse_error(err)
+    finally:
+        for g in gens:
+            await g.aclose()
+
+
+def _stream_response(body: AsyncIterator[bytes], gens: list) -> StreamingResponse:
     return StreamingResponse(
-        body,
+        _guarded(body, gens),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -52,7 +64,7 @@ async def chat_completions(request: Request) -> Response:
     rid = serving.new_id("chatcmpl")
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-        return _stream_response(_chat_stream(rid, name, gens, req, include_usage))
+        return _stream_response(_chat_stream(rid, name, gens, req, include_usage), gens)
     results = await until_disconnect(request, serving.collect_all(gens, req))
     choices = [convert.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
     return JSONResponse(convert.chat_response(rid, name, choices, serving.total_usage(results)))
@@ -64,28 +76,22 @@ async def _chat_stream(
     created = int(time.time())
     texts = ["" for _ in gens]
     usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
-    try:
-        for i in range(len(gens)):
-            yield sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None}, None))
-        async for i, chunk in merge([aiter(g) for g in gens]):
-            chunk: Chunk
-            if chunk.text:
-                texts[i] += chunk.text
-                yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None))
-            if chunk.finish_reason:
-                if chunk.usage:
-                    usages[i] = chunk.usage
-                yield sse(convert.chat_chunk(rid, created, model, i, {}, chunk.finish_reason))
-                validate_output(texts[i], req.response_format, chunk.finish_reason)
-        if include_usage:
-            results = [serving.Result(t, "stop", u) for t, u in zip(texts, usages)]
-            yield sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk", serving.total_usage(results)))
-        yield b"data: [DONE]\n\n"
-    except HearthError as err:
-        yield sse_error(err)
-    finally:
-        for g in gens:
-            await g.aclose()
+    for i in range(len(gens)):
+        yield sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None}, None))
+    async for i, chunk in merge([aiter(g) for g in gens]):
+        chunk: Chunk
+        if chunk.text:
+            texts[i] += chunk.text
+            yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None))
+        if chunk.finish_reason:
+            if chunk.usage:
+                usages[i] = chunk.usage
+            yield sse(convert.chat_chunk(rid, created, model, i, {}, chunk.finish_reason))
+            validate_output(texts[i], req.response_format, chunk.finish_reason)
+    if include_usage:
+        results = [serving.Result(t, "stop", u) for t, u in zip(texts, usages)]
+        yield sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk", serving.total_usage(results)))
+    yield b"data: [DONE]\n\n"
 
 
 async def completions(request: Request) -> Response:
@@ -107,7 +113,7 @@ async def completions(request: Request) -> Response:
     rid = serving.new_id("cmpl")
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage))
+        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage), gens)
     results = await until_disconnect(request, serving.collect_all(gens, reqs[0]))
     choices = [convert.completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
     usage = serving.total_usage(results)
@@ -121,25 +127,19 @@ async def _completion_stream(
     created = int(time.time())
     texts = ["" for _ in gens]
     completion_tokens = 0
-    try:
-        async for i, chunk in merge([aiter(g) for g in gens]):
-            if chunk.text:
-                texts[i] += chunk.text
-            if chunk.text or chunk.finish_reason:
-                choice = convert.completion_choice(i, chunk.text, chunk.finish_reason)
-                yield sse(convert.completion_response(rid, created, model, [choice], None))
-            if chunk.finish_reason:
-                completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0
-                validate_output(texts[i], req.response_format, chunk.finish_reason)
-        if include_usage:
-            usage = Usage(prompt_tokens=sum(g.prompt_tokens for g in gens), completion_tokens=completion_tokens)
-            yield sse(convert.usage_chunk(rid, created, model, "text_completion", usage))
-        yield b"data: [DONE]\n\n"
-    except HearthError as err:
-        yield sse_error(err)
-    finally:
-        for g in gens:
-            await g.aclose()
+    async for i, chunk in merge([aiter(g) for g in gens]):
+        if chunk.text:
+            texts[i] += chunk.text
+        if chunk.text or chunk.finish_reason:
+            choice = convert.completion_choice(i, chunk.text, chunk.finish_reason)
+            yield sse(convert.completion_response(rid, created, model, [choice], None))
+        if chunk.finish_reason:
+            completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0
+            validate_output(texts[i], req.response_format, chunk.finish_reason)
+    if include_usage:
+        usage = Usage(prompt_tokens=sum(g.prompt_tokens for g in gens), completion_tokens=completion_tokens)
+        yield sse(convert.usage_chunk(rid, created, model, "text_completion", usage))
+    yield b"data: [DONE]\n\n"
 
 
 async def embeddings(request: Request) -> Response:

@@ -191,9 +191,13 @@ class Worker:
         return generating
 
     def prefilling(self) -> list[Slot]:
-        """Slots still reading their prompt, oldest admission first."""
+        """Slots still reading their prompt, least left to read first.
+
+        A short request that arrives while a long prompt is being read gets its
+        first token after a step or two instead of waiting for the whole prompt.
+        """
         slots = [s for s in self.slots if s.seq and s.seq.last < 0]
-        return sorted(slots, key=lambda s: s.seq.t_admit if s.seq else 0)
+        return sorted(slots, key=lambda s: (len(s.seq.prompt) - len(s.tokens), s.seq.t_admit) if s.seq else (0, 0))
 
     def add_prompt(self, slot: Slot, take: int) -> int:
         """Put up to `take` more prompt tokens of `slot` into the batch."""
@@ -252,7 +256,7 @@ class Worker:
         groups = -(-len(generating) // GROUP)
         for g in range(groups):
             m.batch_clear()
-            self.add_generating(generating[g::groups])
+            self.add_generating(generating[g * GROUP:(g + 1) * GROUP])
             if not self.decode():
                 return
         budget = self.prefill_chunk if generating else m.batch_cap
