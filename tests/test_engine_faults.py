@@ -113,3 +113,18 @@ def test_full_queue_is_429_with_retry_after(server: Server) -> None:
     time.sleep(0.5)
     r = httpx.post(server.v1 + "/completions", timeout=60, json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_ollama_num_ctx_is_a_per_request_limit(server: Server) -> None:
+    body = {"model": MODEL, "prompt": "one two three four five six seven eight nine ten " * 3,
+            "stream": False, "options": {"num_ctx": 16, "num_predict": 4}}
+    r = httpx.post(server.url + "/api/generate", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "16" in r.json()["error"]
+    small = httpx.post(server.url + "/api/generate", timeout=60, json={
+        "model": MODEL, "prompt": "Hi", "stream": False, "raw": True,
+        "options": {"num_ctx": 32, "temperature": 0, "seed": 1}})
+    assert small.status_code == 200, small.text
+    out = small.json()
+    assert out["prompt_eval_count"] + out["eval_count"] <= 32
+    assert out["done_reason"] == "length"

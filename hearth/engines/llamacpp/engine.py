@@ -305,7 +305,7 @@ class LlamaCppEngine:
         rid = worker.new_id()
         box = worker.open(rid)
         try:
-            worker.send("gen", rid, prompt, add_special, spec, req.max_tokens, req.stop)
+            worker.send("gen", rid, prompt, add_special, spec, req.max_tokens, req.stop, req.num_ctx)
             first = await box.get()
         except BaseException:
             worker.close_box(rid)

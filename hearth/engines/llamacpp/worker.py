@@ -123,9 +123,10 @@ class Worker:
             self.running = False
 
     def on_gen(self, rid: str, prompt: str, add_special: bool, spec: Any,
-               max_tokens: int | None, stops: list[str]) -> None:
+               max_tokens: int | None, stops: list[str], ctx: int | None = None) -> None:
         tokens = self.m.tokenize(prompt, add_special)
-        limit = self.m.n_ctx_seq
+        # A request may ask for a smaller context (Ollama's num_ctx), never a larger one.
+        limit = min(ctx, self.m.n_ctx_seq) if ctx else self.m.n_ctx_seq
         if not tokens:
             self.emit("error", rid, "bad_request", "the prompt is empty after tokenization; send some text")
             return
