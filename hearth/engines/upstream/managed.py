@@ -9,9 +9,11 @@ keep-alive of idleness.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
+import sys
 import socket
 import time
 from collections import deque
@@ -19,6 +21,14 @@ from collections.abc import Awaitable, Callable
 
 from hearth.core.errors import EngineUnavailable
 from hearth.settings import ManagedUpstream
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when hearth dies, however
+    hearth dies (even SIGKILL), so no managed server outlives its gateway."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 log = logging.getLogger("hearth.upstream.managed")
 MAX_RESTARTS = 5  # within RESTART_WINDOW seconds; then wait for the next request
@@ -96,6 +106,7 @@ class ManagedServer:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env={**os.environ, **self.cfg.env}, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         except OSError as exc:
             raise EngineUnavailable(
@@ -147,6 +158,7 @@ class ManagedServer:
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
+        await self._kill(proc)  # its children (e.g. a wrapper's server) must not linger
         if self._stopping or proc is not self.proc:
             return
         self.url = None
@@ -193,15 +205,21 @@ class ManagedServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        if proc.returncode is not None:
-            return
+        """Stop the child's whole process group, stragglers included (a wrapper that
+        died may leave its server behind)."""
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
+        if proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                log.warning("managed upstream %s did not stop on SIGTERM; killing it", self.name)
+        await asyncio.sleep(0.2)
         try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            log.warning("managed upstream %s did not stop on SIGTERM; killing it", self.name)
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.returncode is None:
             await proc.wait()
