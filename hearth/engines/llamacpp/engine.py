@@ -160,6 +160,7 @@ class LlamaCppEngine:
             architecture=meta.architecture, family=meta.architecture,
             parameter_count=meta.parameter_count, quantization=meta.quantization,
             size_bytes=path.stat().st_size, chat_template=meta.chat_template, path=str(path),
+            digest=path.name.removeprefix("sha256-") if path.name.startswith("sha256-") else "",
             metadata={k: v for k, v in meta.metadata.items() if not k.startswith("tokenizer.ggml.")},
         )
         info.metadata["size_label"] = meta.size_label
@@ -391,6 +392,10 @@ class LlamaCppEngine:
 
     async def unload(self, model: ModelInfo) -> None:
         sm = self._served(model)
+        if sm.worker and sm.worker.outstanding:
+            # Requests still running: let them finish, the reaper unloads when idle.
+            sm.expires_at = time.time()
+            return
         if sm.worker:
             worker, sm.worker = sm.worker, None
             await worker.stop()
