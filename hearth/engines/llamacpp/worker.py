@@ -77,6 +77,7 @@ class Worker:
         self.embeds: deque[list[Any]] = deque()
         self.prefill_chunk = prefill_chunk
         self.deterministic = deterministic
+        self.turn = 0
         self.out: list[bytes] = []
         self.running = True
 
@@ -254,12 +255,17 @@ class Worker:
         generating = [s for s in self.slots if s.seq and s.seq.last >= 0]
         # At 8+ rows llama.cpp's CPU matmul takes another kernel for some rows, so
         # generating sequences are decoded in groups of at most GROUP rows.
-        groups = -(-len(generating) // GROUP)
-        for g in range(groups):
-            m.batch_clear()
-            self.add_generating(generating[g * GROUP:(g + 1) * GROUP])
-            if not self.decode():
-                return
+        # Full groups only; when sequences do not divide evenly, a rotating few sit
+        # out one step (cheaper than a decode call for a single row).
+        groups = max(1, len(generating) // GROUP)
+        if generating:
+            self.turn = (self.turn + 1) % len(generating)
+            order = generating[self.turn:] + generating[:self.turn]
+            for g in range(groups):
+                m.batch_clear()
+                self.add_generating(order[g * GROUP:(g + 1) * GROUP])
+                if not self.decode():
+                    return
         budget = self.prefill_chunk if generating else m.batch_cap
         chunk = self.prefill_chunk
         for slot in self.prefilling():
