@@ -14,6 +14,7 @@ import orjson
 
 from hearth.core.errors import UpstreamError
 from hearth.core.types import EmbedRequest, GenerateRequest, Usage
+from hearth.engines.upstream.stream import StreamParser
 from hearth.settings import UpstreamModel
 
 DONE = {"stop": "stop", "length": "length", "load": "stop", "unload": "stop"}
@@ -124,25 +125,15 @@ class OllamaWire:
         return models
 
 
-class NDJSONParser:
+class NDJSONParser(StreamParser):
     """Turns the JSON lines of one Ollama stream into text, done reason and usage."""
-
-    def __init__(self, chat: bool) -> None:
-        self.chat = chat
-        self.done = False
-        self.finish: str | None = None
-        self.usage: Usage | None = None
-        self.pieces = 0
 
     def feed(self, line: bytes) -> str:
         """Parse one line; returns the text it carries ("" for none)."""
         line = line.strip()
         if not line:
             return ""
-        try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"sent a stream line that is not JSON: {line[:120]!r}") from None
+        event = self.load(line)
         if "error" in event:
             raise UpstreamError(f"reported an error mid-stream: {event['error']}")
         text = ((event.get("message") or {}).get("content") if self.chat else event.get("response")) or ""
@@ -161,6 +152,3 @@ class NDJSONParser:
             )
         return text
 
-    def final_usage(self) -> Usage:
-        """Usage reported by the upstream, or pieces counted when it sent none."""
-        return self.usage or Usage(completion_tokens=self.pieces)

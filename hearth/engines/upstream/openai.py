@@ -14,6 +14,7 @@ import orjson
 
 from hearth.core.errors import UpstreamError
 from hearth.core.types import EmbedRequest, GenerateRequest, Message, Usage
+from hearth.engines.upstream.stream import StreamParser
 from hearth.settings import UpstreamModel
 
 FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "stop",
@@ -127,15 +128,8 @@ class OpenAIWire:
         return models
 
 
-class SSEParser:
+class SSEParser(StreamParser):
     """Turns `data: {...}` lines of one stream into text, finish reason and usage."""
-
-    def __init__(self, chat: bool) -> None:
-        self.chat = chat
-        self.done = False
-        self.finish: str | None = None
-        self.usage: Usage | None = None
-        self.pieces = 0
 
     def feed(self, line: bytes) -> str:
         """Parse one line; returns the text it carries ("" for none)."""
@@ -145,10 +139,7 @@ class SSEParser:
         if payload == b"[DONE]":
             self.done = True
             return ""
-        try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"sent a stream line that is not JSON: {payload[:120]!r}") from None
+        event = self.load(payload)
         if "error" in event and not event.get("choices"):
             err = event["error"]
             raise UpstreamError(f"reported an error mid-stream: {err.get('message', err) if isinstance(err, dict) else err}")
@@ -164,10 +155,6 @@ class SSEParser:
         if text:
             self.pieces += 1
         return text
-
-    def final_usage(self) -> Usage:
-        """Usage reported by the upstream, or pieces counted when it sent none."""
-        return self.usage or Usage(completion_tokens=self.pieces)
 
 
 def usage_of(u: dict[str, Any]) -> Usage:
