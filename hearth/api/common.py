@@ -62,9 +62,9 @@ def parse(model: type[M], data: Any) -> M:
         got = err.get("input")
         shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
         raise BadRequest(f"field {loc!r}: {err['msg']} (got {shown})", param=loc) from None
-    extra = getattr(parsed, "unknown_fields", None)
-    if extra is not None and extra():
-        log.info("ignoring unknown fields %s in %s", extra(), model.__name__)
+    unknown = parsed.unknown_fields() if hasattr(parsed, "unknown_fields") else []
+    if unknown:
+        log.info("ignoring unknown fields %s in %s", unknown, model.__name__)
     return parsed
 
 
