@@ -131,13 +131,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(512, ge=32, description="Most tokens fed to one decode step.")
     prefill_chunk: int = Field(
         64, ge=8, le=4096,
-        description="Prompt tokens read per step while other requests are generating (and the "
-        "granularity of prefix reuse).",
+        description="Prompt tokens read per step while other requests are generating.",
     )
     deterministic: bool = Field(
         True,
         description="Same seed, same output whatever else is batched (turns off llama.cpp weight "
-        "repacking: ~10% slower decode, slower prompt reading).",
+        "repacking, flash attention and the tiled K-quant kernel; ~10% slower decode).",
     )
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before 429.")
     keep_alive: float = Field(300.0, description="Seconds an idle model stays loaded (negative = forever).")

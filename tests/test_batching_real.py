@@ -45,6 +45,33 @@ def test_eight_concurrent_streams_equal_solo_runs(real_server: Server) -> None:
     asyncio.run(run())
 
 
+def mixed_request(i: int) -> dict:
+    """Prompts of very different lengths, shared prefixes and a continued chat."""
+    rules = " ".join(f"Rule {k}: be kind to foxes, rivers and apples." for k in range(30))
+    messages = [{"role": "system", "content": rules if i % 2 == 0 else "Be brief."},
+                {"role": "user", "content": f"Write story number {i} about a fox." + " With twists." * (i % 4) * 3}]
+    if i % 3 == 0:
+        messages += [{"role": "assistant", "content": "Once upon a time there was a fox."},
+                     {"role": "user", "content": "Continue."}]
+    return dict(model=MODEL, messages=messages, max_tokens=24, seed=200 + i, temperature=0.8, logit_bias=NO_EOS)
+
+
+def test_mixed_prompts_staggered_equal_solo_runs(real_server: Server) -> None:
+    """Long and short prompts, prefix reuse, more requests than slots, arriving at odd
+    times: prompts are then read in pieces of every size next to generating streams."""
+    async def delayed(client: openai.AsyncOpenAI, body: dict, delay: float) -> tuple[str, float, float]:
+        await asyncio.sleep(delay)
+        return await stream_text(client, body)
+
+    async def run() -> None:
+        client = openai.AsyncOpenAI(base_url=real_server.v1, api_key="x", max_retries=0)
+        solo = [(await stream_text(client, mixed_request(i)))[0] for i in range(11)]
+        together = await asyncio.gather(*(delayed(client, mixed_request(i), (i * 7 % 11) / 10) for i in range(11)))
+        differ = [i for i in range(11) if together[i][0] != solo[i]]
+        assert not differ, f"streams {differ} differ when batched"
+    asyncio.run(run())
+
+
 def test_late_joiner_starts_before_earlier_ones_finish(real_server: Server) -> None:
     async def run() -> None:
         client = openai.AsyncOpenAI(base_url=real_server.v1, api_key="x", max_retries=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
 from typing import Any
 
@@ -34,6 +35,11 @@ class Model:
 
     def __init__(self, path: str, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int,
                  deterministic: bool = True) -> None:
+        if deterministic:
+            # ggml's CPU backend switches K-quant matmuls to a tiled kernel at 8+
+            # rows, so a token's logits would change once 8 sequences share a
+            # decode. Read once per process, at the first matmul: set it first.
+            os.environ["GGML_CPU_TILED_MM"] = "0"
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
         # Repacked weights use different kernels for 1 row and for 4+ rows, so a

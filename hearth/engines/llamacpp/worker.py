@@ -24,9 +24,6 @@ from hearth.engines.llamacpp.ipc import BlockingChannel, pack
 from hearth.engines.llamacpp.textout import TextOut
 
 
-GROUP = 7  # most sequences per decode in deterministic mode (see step_deterministic)
-
-
 @dataclass
 class Seq:
     """One request being served in a slot."""
@@ -54,7 +51,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     seq: Seq | None = None
     used_at: float = 0.0
-    canonical: int = 0  # leading tokens read in whole, position-aligned chunks
+    canonical: int = 0  # leading tokens read as prompt pieces of 2+ tokens (safe to reuse)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -77,7 +74,6 @@ class Worker:
         self.embeds: deque[list[Any]] = deque()
         self.prefill_chunk = prefill_chunk
         self.deterministic = deterministic
-        self.turn = 0
         self.out: list[bytes] = []
         self.running = True
 
@@ -165,8 +161,9 @@ class Worker:
             free.remove(best)
             keep = min(common_prefix(best.tokens, seq.prompt), len(seq.prompt) - 1)
             if self.deterministic:
-                # Reuse only whole chunks that were read as whole chunks.
-                keep = min(keep, best.canonical) // self.prefill_chunk * self.prefill_chunk
+                # Reuse only tokens read as prompt (generated ones were computed one
+                # at a time, which gives other numbers), and leave 2+ to read.
+                keep = max(0, min(keep, best.canonical, len(seq.prompt) - 2))
             if not self.m.seq_rm(best.seq_id, keep, -1):
                 self.m.seq_rm(best.seq_id, -1, -1)
                 keep = 0
@@ -174,7 +171,7 @@ class Worker:
             seq.cached = keep
             seq.t_admit = time.perf_counter_ns()
             best.seq = seq
-            best.canonical = len(seq.prompt) // self.prefill_chunk * self.prefill_chunk
+            best.canonical = len(seq.prompt) if len(seq.prompt) >= 2 else 0
 
     def release(self, slot: Slot) -> None:
         if slot.seq is not None:
@@ -244,39 +241,59 @@ class Worker:
         self.decode()
 
     def step_deterministic(self) -> None:
-        """Generating tokens in one decode, then prompts in fixed, position-aligned chunks.
+        """Prompt pieces in one decode, then generating tokens in another.
 
-        llama.cpp's numbers for a token depend on the shape of the chunk it is
-        read in, so every prompt is read in the same chunks (multiples of
-        `prefill_chunk` from position 0) whatever else is running: a seeded
-        request then gives the same output alone or in a full batch.
+        With weight repacking, flash attention and ggml's tiled K-quant matmul
+        off (see native.Model), llama.cpp's numbers for a token depend only on
+        whether its sequence has one token or several in the micro-batch. So
+        generating tokens always go one per sequence, and prompts are read in
+        pieces of 2+ tokens (of any size): a seeded request then gives the same
+        output alone or in a full batch. Prompts go first so that a request whose
+        prompt is done gets its first token out at once and joins this step's
+        generating decode.
         """
         m = self.m
-        generating = [s for s in self.slots if s.seq and s.seq.last >= 0]
-        # At 8+ rows llama.cpp's CPU matmul takes another kernel for some rows, so
-        # generating sequences are decoded in groups of at most GROUP rows.
-        # Full groups only; when sequences do not divide evenly, a rotating few sit
-        # out one step (cheaper than a decode call for a single row).
-        groups = max(1, len(generating) // GROUP)
-        if generating:
-            self.turn = (self.turn + 1) % len(generating)
-            order = generating[self.turn:] + generating[:self.turn]
-            for g in range(groups):
-                m.batch_clear()
-                self.add_generating(order[g * GROUP:(g + 1) * GROUP])
-                if not self.decode():
-                    return
-        budget = self.prefill_chunk if generating else m.batch_cap
-        chunk = self.prefill_chunk
-        for slot in self.prefilling():
-            while budget > 0 and slot.seq is not None and slot.seq.last < 0:
-                start = len(slot.tokens)
-                size = min(chunk - start % chunk, len(slot.seq.prompt) - start)
-                m.batch_clear()
+        busy = any(s.seq and s.seq.last >= 0 for s in self.slots)
+        pieces = self.prompt_pieces(self.prefill_chunk if busy else m.batch_cap)
+        if pieces:
+            m.batch_clear()
+            for slot, size in pieces:
                 self.add_prompt(slot, size)
-                if not self.decode():
-                    return
-                budget -= size
+            if not self.decode():
+                return
+            self.flush()
+        m.batch_clear()
+        if self.add_generating():
+            self.decode()
+
+    def prompt_pieces(self, budget: int) -> list[tuple[Slot, int]]:
+        """Equal-size prompt pieces for one decode, in seq-id order.
+
+        llama.cpp splits a multi-sequence batch into micro-batches with the same
+        number of tokens per sequence (runs of consecutive seq ids): equal
+        pieces keep each piece whole, so none is cut down to a single token.
+        """
+        order = self.prefilling()
+        if not order:
+            return []
+
+        def left(slot: Slot) -> int:
+            assert slot.seq is not None
+            return len(slot.seq.prompt) - len(slot.tokens)
+
+        first = left(order[0])
+        size = min(first, budget)
+        if first - size == 1:  # never leave a single token to read
+            size -= 1
+        size = max(size, min(first, 2))
+        chosen = [order[0]]
+        for slot in order[1:]:
+            if (len(chosen) + 1) * size > budget:
+                break
+            rest = left(slot) - size
+            if rest == 0 or rest >= 2:
+                chosen.append(slot)
+        return [(slot, size) for slot in sorted(chosen, key=lambda s: s.seq_id)]
 
     def step(self) -> None:
         if self.deterministic:
