@@ -69,30 +69,41 @@ def parse(model: type[M], data: Any) -> M:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client goes away first."""
-    task = asyncio.ensure_future(work)
+    """Run `work`, cancelling it if the client goes away first.
+
+    `work` runs in this task; only the watcher is a task of its own (one task
+    per request, not two: this is on every non-streamed request's path).
+    """
+    me = asyncio.current_task()
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                gone = True
+                if me is not None:
+                    me.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        raise EngineUnavailable("client disconnected")
+        return await work
+    except asyncio.CancelledError:
+        if gone and me is not None and me.uncancel() == 0:
+            raise EngineUnavailable("client disconnected") from None
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Interleave several async iterators, yielding (index, item) as they come."""
+    if len(streams) == 1:  # the common case: no tasks, no queue
+        async for item in streams[0]:
+            yield 0, item
+        return
     queue: asyncio.Queue[tuple[int, Any, bool]] = asyncio.Queue()
 
     async def pump(i: int, it: AsyncIterator[T]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import uuid
+import os
 from dataclasses import dataclass
 
 from collections.abc import AsyncIterator
@@ -17,7 +17,7 @@ from hearth.core.types import Chunk, EmbedRequest, EmbedResult, GenerateRequest,
 
 def new_id(prefix: str) -> str:
     """A request id like `chatcmpl-3f2a...`."""
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    return f"{prefix}-{os.urandom(12).hex()}"
 
 
 def check_request(req: GenerateRequest, grammar: bool = True) -> None:

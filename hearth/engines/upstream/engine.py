@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from hearth.core import record
@@ -31,6 +30,7 @@ from hearth.core.types import (
     LoadedModel,
     ModelInfo,
 )
+from hearth.engines.upstream.http import Pool, Response
 from hearth.engines.upstream.managed import ManagedServer
 from hearth.engines.upstream.ollama import OllamaWire
 from hearth.engines.upstream.openai import OpenAIWire
@@ -39,7 +39,7 @@ from hearth.settings import UpstreamEntry, UpstreamModel
 
 log = logging.getLogger("hearth.upstream")
 audit = logging.getLogger("hearth.cloud")
-RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError)
+RETRYABLE = (OSError, EOFError, TimeoutError)  # HTTPProtocolError is a ConnectionError
 
 
 class Secret:
@@ -79,17 +79,13 @@ class UpstreamEngine:
         self._models: dict[str, ModelInfo] = {}
         self._declared = [m if isinstance(m, UpstreamModel) else UpstreamModel(name=m) for m in cfg.models]
         self._refreshed = 0.0
-        self._session: aiohttp.ClientSession | None = None
+        self._http: Pool | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the connection pool, learn the models, start health checks."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
-        )
+        self._http = Pool(self.cfg.timeouts.connect)
         self._set_models(self._declared)
         if not self._declared:
             await self._discover()
@@ -101,15 +97,23 @@ class UpstreamEngine:
         await self.pool.stop()
         if self.managed is not None:
             await self.managed.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def http(self) -> Pool:
+        if self._http is None:
             raise EngineUnavailable(f"upstream {self.name!r} is not started")
-        return self._session
+        return self._http
+
+    async def _get(self, url: str) -> tuple[int, bytes]:
+        """GET url: status and body."""
+        resp = await self.http.request("GET", url, headers=self._headers)
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.release()
 
     # -- models ----------------------------------------------------------------------
 
@@ -169,16 +173,16 @@ class UpstreamEngine:
     async def _probe_url(self, url: str) -> bool:
         try:
             async with asyncio.timeout(self.cfg.timeouts.connect):
-                async with self.session.get(url, headers=self._headers) as resp:
-                    return resp.status == 200
+                status, _ = await self._get(url)
+                return status == 200
         except RETRYABLE:
             return False
 
     async def _probe_replica(self, replica: Replica) -> None:
         async with asyncio.timeout(self.cfg.timeouts.connect):
-            async with self.session.get(replica.url + self.wire.health_path, headers=self._headers) as resp:
-                if resp.status >= 500:
-                    raise UpstreamError(f"health check answered HTTP {resp.status}")
+            status, _ = await self._get(replica.url + self.wire.health_path)
+        if status >= 500:
+            raise UpstreamError(f"health check answered HTTP {status}")
 
     async def _get_json(self, path: str) -> Any:
         """GET a JSON document from the first replica that answers it."""
@@ -188,15 +192,15 @@ class UpstreamEngine:
             tried.add(replica)
             try:
                 async with asyncio.timeout(self.cfg.timeouts.first_token):
-                    async with self.session.get(replica.url + path, headers=self._headers) as resp:
-                        if resp.status == 200:
-                            return orjson.loads(await resp.read())
-                        errors.append(f"{replica.url}: GET {path} answered HTTP {resp.status}")
+                    status, raw = await self._get(replica.url + path)
+                if status == 200:
+                    return orjson.loads(raw)
+                errors.append(f"{replica.url}: GET {path} answered HTTP {status}")
             except (orjson.JSONDecodeError, *RETRYABLE) as exc:
                 errors.append(f"{replica.url}: {describe(exc)}")
         raise UpstreamError("; ".join(errors))
 
-    async def _open(self, path: str, body: bytes) -> tuple[Replica, aiohttp.ClientResponse]:
+    async def _open(self, path: str, body: bytes) -> tuple[Replica, Response]:
         """POST to the least busy replica; fail over while nothing has been received."""
         tried: set[Replica] = set()
         errors: list[str] = []
@@ -206,7 +210,7 @@ class UpstreamEngine:
             try:
                 base = await self._base_url(replica)
                 async with asyncio.timeout(self.cfg.timeouts.first_token):
-                    resp = await self.session.post(base + path, data=body, headers=self._headers)
+                    resp = await self.http.request("POST", base + path, body, self._headers)
             except RETRYABLE as exc:
                 self.pool.release(replica)
                 reason = "no answer within timeouts.first_token" if isinstance(exc, TimeoutError) else describe(exc)
@@ -222,7 +226,7 @@ class UpstreamEngine:
             if resp.status >= 500:
                 self._fail(replica, f"HTTP {resp.status}: {message}", errors)
                 continue
-            raise self._client_error(resp.status, message, resp.headers.get("Retry-After"))
+            raise self._client_error(resp.status, message, resp.headers.get("retry-after"))
         raise EngineUnavailable(
             f"upstream {self.name!r} is unavailable: {'; '.join(errors) or 'no replicas'}; "
             "check that it is running and its urls in hearth.toml",
@@ -295,7 +299,7 @@ class UpstreamEngine:
 
     async def ready(self) -> bool:
         """True once started: a down upstream makes its models answer 503, not hearth."""
-        return self._session is not None
+        return self._http is not None
 
     async def loaded(self) -> list[LoadedModel]:
         """A managed child that is running shows its models (for /api/ps and `hearth ps`)."""
@@ -328,7 +332,7 @@ class UpstreamEngine:
                    self.name, model, (rec.key_name if rec else None) or "-", prompt_tokens, completion_tokens, outcome)
 
 
-async def _error_text(resp: aiohttp.ClientResponse) -> str:
+async def _error_text(resp: Response) -> str:
     """The message of an upstream's error answer, short."""
     try:
         raw = await resp.read()
@@ -355,7 +359,7 @@ class UpstreamGeneration:
 
     prompt_tokens = 0  # known only at the end; the final chunk's usage carries it
 
-    def __init__(self, engine: UpstreamEngine, replica: Replica, resp: aiohttp.ClientResponse,
+    def __init__(self, engine: UpstreamEngine, replica: Replica, resp: Response,
                  req: GenerateRequest, model: str) -> None:
         self.engine = engine
         self.replica = replica
@@ -394,7 +398,7 @@ class UpstreamGeneration:
         Reads whatever bytes have arrived (one timeout per read, not per line:
         an instant upstream's whole answer is usually one read).
         """
-        eng, parser, content = self.engine, self.parser, self.resp.content
+        eng, parser, resp = self.engine, self.parser, self.resp
         t = eng.cfg.timeouts
         deadline = time.monotonic() + t.first_token
         started = False
@@ -402,7 +406,7 @@ class UpstreamGeneration:
         while True:
             try:
                 async with asyncio.timeout(t.idle if started else max(0.0, deadline - time.monotonic())):
-                    data = await content.readany()
+                    data = await resp.readany()
             except TimeoutError:
                 what = f"sent nothing for {t.idle:g}s (timeouts.idle)" if started else \
                     f"sent no token within {t.first_token:g}s (timeouts.first_token)"

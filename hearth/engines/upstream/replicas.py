@@ -123,7 +123,5 @@ def describe(exc: BaseException) -> str:
     """A short, key-free description of a connection error."""
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if type(exc).__name__ == "ClientPayloadError":
-        return "the connection was cut in the middle of the response"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -1,0 +1,250 @@
+"""A small HTTP/1.1 client for talking to upstreams, with keep-alive pools.
+
+hearth only ever sends JSON requests to servers it was configured with and
+reads JSON, SSE or NDJSON back, so it needs far less than a general client:
+requests with a body of known length; responses framed by Content-Length,
+chunked encoding, or the end of the connection. Doing just that on asyncio
+streams costs a fraction of aiohttp's per-request overhead, which is most of
+what hearth adds as a proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+READ_SIZE = 65536
+MAX_HEAD = 65536
+
+
+class HTTPProtocolError(ConnectionError):
+    """The server's answer is not valid HTTP/1.1 (or the connection broke mid-answer)."""
+
+
+class Connection:
+    """One open connection to an origin."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def usable(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Response:
+    """Status, headers and a body read piece by piece (`readany`) or whole (`read`).
+
+    Call `release()` after the body was read (the connection goes back to the
+    pool) or `close()` to drop it (the server sees the client leave).
+    """
+
+    def __init__(self, pool: Pool, origin: tuple[str, int, bool], conn: Connection, status: int,
+                 headers: dict[str, str], no_body: bool) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.conn: Connection | None = conn
+        self.status = status
+        self.headers = headers
+        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        length = headers.get("content-length")
+        self.left = 0 if no_body else (int(length) if length is not None and not self.chunked else -1)
+        self.keep = headers.get("connection", "").lower() != "close" and (self.chunked or self.left >= 0)
+        self.chunk_left = 0
+        self.done = self.left == 0
+
+    async def readany(self) -> bytes:
+        """The next piece of the body; b"" once it is complete."""
+        if self.done or self.conn is None:
+            return b""
+        reader = self.conn.reader
+        if self.chunked:
+            return await self._read_chunk(reader)
+        if self.left < 0:  # until the server closes
+            data = await reader.read(READ_SIZE)
+            if not data:
+                self.done = True
+            return data
+        data = await reader.read(min(self.left, READ_SIZE))
+        if not data:
+            raise HTTPProtocolError(f"the connection closed with {self.left} bytes of the body missing")
+        self.left -= len(data)
+        self.done = self.left == 0
+        return data
+
+    async def _read_chunk(self, reader: asyncio.StreamReader) -> bytes:
+        try:
+            while self.chunk_left == 0:
+                line = await reader.readuntil(b"\r\n")
+                size = int(line.split(b";", 1)[0].strip() or b"x", 16)
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                        pass
+                    self.done = True
+                    return b""
+                self.chunk_left = size
+            data = await reader.read(min(self.chunk_left, READ_SIZE))
+            if not data:
+                raise HTTPProtocolError("the connection closed in the middle of a chunk")
+            self.chunk_left -= len(data)
+            if self.chunk_left == 0:
+                await reader.readexactly(2)  # CRLF after the chunk
+            return data
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            raise HTTPProtocolError("the connection closed in the middle of a chunk") from exc
+        except ValueError as exc:
+            raise HTTPProtocolError(f"bad chunk size in the response: {exc}") from None
+
+    async def read(self) -> bytes:
+        """The whole (rest of the) body."""
+        parts = []
+        while data := await self.readany():
+            parts.append(data)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the response: keep the connection if the body was read whole."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        if self.done and self.keep:
+            self.pool.put(self.origin, conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Drop the connection now (an unfinished stream stops at the server)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+
+class Pool:
+    """Keep-alive connections per origin; `request` sends one request and reads the head."""
+
+    def __init__(self, connect_timeout: float, max_idle: int = 64) -> None:
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle: defaultdict[tuple[str, int, bool], deque[Connection]] = defaultdict(deque)
+        self._urls: dict[str, tuple[tuple[str, int, bool], str, bytes]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def _split(self, url: str) -> tuple[tuple[str, int, bool], str, bytes]:
+        """(origin, path with query, Host header) of a URL, cached."""
+        hit = self._urls.get(url)
+        if hit is None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) URL: {url!r}")
+            tls = parts.scheme == "https"
+            port = parts.port or (443 if tls else 80)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+            if ":" in parts.hostname:  # IPv6 literal
+                host = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+            hit = ((parts.hostname, port, tls), path, host.encode("idna"))
+            if len(self._urls) < 4096:
+                self._urls[url] = hit
+        return hit
+
+    async def _connect(self, origin: tuple[str, int, bool]) -> Connection:
+        host, port, tls = origin
+        context = None
+        if tls:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        async with asyncio.timeout(self.connect_timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=context, limit=MAX_HEAD)
+        return Connection(reader, writer)
+
+    def put(self, origin: tuple[str, int, bool], conn: Connection) -> None:
+        idle = self._idle[origin]
+        if conn.usable() and len(idle) < self.max_idle:
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def _take(self, origin: tuple[str, int, bool]) -> Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                return conn
+            conn.close()
+        return None
+
+    async def request(self, method: str, url: str, body: bytes = b"",
+                      headers: Mapping[str, str] | None = None) -> Response:
+        """Send a request and read the response head (the body is read from the Response)."""
+        origin, path, host = self._split(url)
+        head = [f"{method} {path} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host, b"\r\n"]
+        for name, value in (headers or {}).items():
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if body or method in ("POST", "PUT", "PATCH"):
+            head.append(b"Content-Length: %d\r\n" % len(body))
+        head.append(b"\r\n")
+        payload = b"".join(head) + body
+        conn = self._take(origin)
+        if conn is not None:
+            try:
+                return await self._exchange(origin, conn, method, payload)
+            except (HTTPProtocolError, ConnectionResetError, BrokenPipeError) as exc:
+                # A reused connection the server had closed before reading this
+                # request: nothing was processed, so send it on a fresh connection.
+                if not getattr(exc, "before_answer", True):
+                    raise
+        return await self._exchange(origin, await self._connect(origin), method, payload)
+
+    async def _exchange(self, origin: tuple[str, int, bool], conn: Connection, method: str,
+                        payload: bytes) -> Response:
+        try:
+            conn.writer.write(payload)
+            try:
+                raw = await conn.reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                err = HTTPProtocolError("the server closed the connection without answering")
+                err.before_answer = not exc.partial  # type: ignore[attr-defined]
+                raise err from None
+            except asyncio.LimitOverrunError:
+                raise HTTPProtocolError(f"the response head is larger than {MAX_HEAD} bytes") from None
+            status, headers = parse_head(raw)
+            while 100 <= status < 200:  # 100 Continue and friends: the real answer follows
+                status, headers = parse_head(await conn.reader.readuntil(b"\r\n\r\n"))
+        except BaseException:
+            conn.close()
+            raise
+        no_body = method == "HEAD" or status in (204, 304)
+        return Response(self, origin, conn, status, headers, no_body)
+
+    async def close(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+        self._idle.clear()
+
+
+def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+    """Status code and lower-cased headers of a response head."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise HTTPProtocolError(f"not an HTTP/1.1 response: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise HTTPProtocolError(f"bad header line in the response: {line[:80]!r}")
+        key = name.strip().lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return int(parts[1]), headers
