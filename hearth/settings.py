@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     deterministic: bool = Field(
         True,
         description="Same seed, same output whatever else is batched (turns off llama.cpp weight "
-        "repacking, flash attention and the tiled K-quant kernel; ~10% slower decode).",
+        "repacking and the tiled K-quant kernel; prompts read in pieces of at most 63 tokens).",
     )
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before 429.")
     keep_alive: float = Field(300.0, description="Seconds an idle model stays loaded (negative = forever).")

@@ -30,6 +30,9 @@ def silence_logs() -> None:
     L.llama_log_set(_quiet, ctypes.c_void_p(0))
 
 
+PIECE_MAX = 63  # longest prompt piece in deterministic mode: below ggml's 64-row FA tile
+
+
 class Model:
     """A loaded GGUF model with a generation context and an embedding context."""
 
@@ -55,26 +58,36 @@ class Model:
         self.n_seq = n_seq
         self.n_ctx_seq = min(n_ctx_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_seq
         self.n_batch = n_batch
+        # A one-slot engine gets a spare KV stream: the worker's lone-sequence
+        # neighbour in deterministic mode (see Worker.add_neighbours).
+        self.n_streams = n_seq + 1 if deterministic and n_seq == 1 else n_seq
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx_seq * n_seq
-        cparams.n_batch = max(n_batch, n_seq)
-        cparams.n_ubatch = max(n_batch, n_seq)
-        cparams.n_seq_max = n_seq
+        cparams.n_ctx = self.n_ctx_seq * self.n_streams
+        cparams.n_batch = max(n_batch, self.n_streams)
+        cparams.n_ubatch = max(n_batch, self.n_streams)
+        cparams.n_seq_max = self.n_streams
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = False
+        cparams.kv_unified = False  # one KV stream per sequence: its cells stay in position order
         if deterministic:
-            # CPU flash attention picks its kernel by chunk shape, so a prompt read in
-            # other chunks (as happens when batched) would give other numbers.
-            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            # Flash attention computes each query row on its own over the KV cells
+            # in order (masked ones skipped), except for 64+ rows of one sequence
+            # (tiled kernel) and a single row alone at 512+ cells (split over
+            # threads): the worker avoids both (prompt pieces of at most
+            # PIECE_MAX tokens, a neighbour for lone sequences).
+            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.swa_full = True  # keep whole sliding-window KV so prefixes can be reused
         cparams.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx and deterministic:  # no flash attention for this model: the plain path is
+            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED  # batch-invariant too
+            self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(cparams.n_batch, 0, 1)
         self.batch_cap = cparams.n_batch
+        self.piece_max = PIECE_MAX
         self.threads = threads
         self._ectx: Any = None
         self._piece = ctypes.create_string_buffer(256)

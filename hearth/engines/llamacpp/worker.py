@@ -243,14 +243,17 @@ class Worker:
     def step_deterministic(self) -> None:
         """Prompt pieces in one decode, then generating tokens in another.
 
-        With weight repacking, flash attention and ggml's tiled K-quant matmul
-        off (see native.Model), llama.cpp's numbers for a token depend only on
-        whether its sequence has one token or several in the micro-batch. So
-        generating tokens always go one per sequence, and prompts are read in
-        pieces of 2+ tokens (of any size): a seeded request then gives the same
-        output alone or in a full batch. Prompts go first so that a request whose
-        prompt is done gets its first token out at once and joins this step's
-        generating decode.
+        llama.cpp's numbers for a token can depend on what it is batched with.
+        With weight repacking and ggml's tiled K-quant matmul off (native.Model),
+        they depend only on the shape each sequence has inside a micro-batch:
+        flash attention reads 64+ rows of one sequence with a tiled kernel, and a
+        single row that is alone in its micro-batch at 512+ KV cells is split
+        over threads. So prompts are read in pieces of 2 to PIECE_MAX tokens,
+        generating tokens go one per sequence, and a sequence that would be alone
+        in its micro-batch gets a throwaway token on a neighbouring sequence. A
+        seeded request then gives the same output alone or in a full batch.
+        Prompts go first so that a request whose prompt is done gets its first
+        token out at once and joins this step's generating decode.
         """
         m = self.m
         busy = any(s.seq and s.seq.last >= 0 for s in self.slots)
@@ -262,9 +265,43 @@ class Worker:
             if not self.decode():
                 return
             self.flush()
+        generating = [s for s in self.slots if s.seq and s.seq.last >= 0]
+        if not generating:
+            return
         m.batch_clear()
-        if self.add_generating():
-            self.decode()
+        neighbours = self.neighbours(generating)
+        # llama.cpp makes one micro-batch of each run of consecutive sequence ids
+        # in batch order, so the batch goes in sequence-id order.
+        for seq_id in sorted({s.seq_id for s in generating} | set(neighbours)):
+            if seq_id in neighbours:
+                m.batch_add(0, neighbours[seq_id], seq_id, False)
+            else:
+                self.add_generating([self.slots[seq_id]])
+        self.decode()
+        for seq_id, pos in neighbours.items():
+            m.seq_rm(seq_id, pos, -1)
+
+    def neighbours(self, generating: list[Slot]) -> dict[int, int]:
+        """Sequence id -> position of a throwaway token beside each lone generating sequence.
+
+        Only needed once its KV reaches 256 cells (llama.cpp pads to 256 and
+        splits a lone row at 512). The token goes after the neighbour's cached
+        tokens and is removed after the decode.
+        """
+        m = self.m
+        ids = {s.seq_id for s in generating}
+        out: dict[int, int] = {}
+        for slot in generating:
+            s = slot.seq_id
+            if s - 1 in ids or s + 1 in ids or s - 1 in out or s + 1 in out or len(slot.tokens) + 1 <= 256:
+                continue
+            n = s + 1 if s + 1 < m.n_streams else s - 1
+            held = len(self.slots[n].tokens) if 0 <= n < len(self.slots) else 0
+            if n < 0 or held >= m.n_ctx_seq:
+                continue  # no room beside it: this step may differ in the last bits
+            m.seq_rm(n, held, -1)
+            out[n] = held
+        return out
 
     def prompt_pieces(self, budget: int) -> list[tuple[Slot, int]]:
         """Equal-size prompt pieces for one decode, in seq-id order.
@@ -282,7 +319,7 @@ class Worker:
             return len(slot.seq.prompt) - len(slot.tokens)
 
         first = left(order[0])
-        size = min(first, budget)
+        size = min(first, budget, self.m.piece_max)
         if first - size == 1:  # never leave a single token to read
             size -= 1
         size = max(size, min(first, 2))
