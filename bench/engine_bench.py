@@ -1,8 +1,10 @@
 """Engine benchmark: hearth vs llama.cpp's llama-server vs llama-cpp-python's server.
 
 All servers run on the same GGUF (the bundled Gemma 3 270M), the same threads,
-and (for llama-server) `-np` equal to hearth's slots, started by this script
-on 127.0.0.1 and measured in one run. For each server and concurrency level
+and (for llama-server) `-np` equal to hearth's slots, started together by this
+script on 127.0.0.1 and measured in one run, taking turns round by round (in
+rotating order) so drift in the machine's speed hits all alike; the median
+round counts. For each server and concurrency level
 it streams 128-token completions (end-of-sequence tokens banned by
 logit_bias so every stream is 128 tokens) and reports aggregate tokens/s and
 median time to first token; then the time to first token of a short request
@@ -117,21 +119,18 @@ def new_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
 
 
-async def level(peer: Peer, n: int, rounds: int) -> dict[str, float]:
-    """Aggregate tokens/s and median TTFT at n concurrent streams."""
-    rates, ttfts = [], []
+async def one_round(peer: Peer, n: int, r: int) -> tuple[float, list[float]]:
+    """Aggregate tokens/s and the TTFTs of one round of n concurrent streams."""
     async with new_client() as client:
-        await stream_one(client, peer, "Warm up:", 8, 0)
-        for r in range(rounds):
-            t0 = time.perf_counter()
-            res = await asyncio.gather(*(stream_one(client, peer, f"Story {r}-{i}: Once upon a time", TOKENS, i)
-                                         for i in range(n)))
-            wall = time.perf_counter() - t0
-            rates.append(sum(x[0] for x in res) / wall)
-            ttfts.extend(x[1] for x in res)
-            if any(x[0] != TOKENS for x in res):
-                print(f"  warning: {peer.name} ended a stream before {TOKENS} tokens", file=sys.stderr)
-    return {"tok_s": statistics.median(rates), "ttft_ms": statistics.median(ttfts) * 1000}
+        if r == 0:
+            await stream_one(client, peer, "Warm up:", 8, 0)
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(stream_one(client, peer, f"Story {r}-{i}: Once upon a time", TOKENS, i)
+                                     for i in range(n)))
+        wall = time.perf_counter() - t0
+    if any(x[0] != TOKENS for x in res):
+        print(f"  warning: {peer.name} ended a stream before {TOKENS} tokens", file=sys.stderr)
+    return sum(x[0] for x in res) / wall, [x[1] for x in res]
 
 
 async def long_prompt_ttft(peer: Peer) -> float:
@@ -199,7 +198,7 @@ def print_table(all_peers: list[Peer], levels: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="1,2,4,8")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--servers", default="hearth,llama-server,llama-cpp-python")
@@ -213,22 +212,32 @@ def main() -> None:
         home = Path(tmp)
         (home / "none.toml").write_text("")
         all_peers = peers(model_path, args.slots, args.threads, args.servers.split(","), home)
-        steps = len(all_peers) * (len(levels) + 1)
-        done = 0
-        for peer in all_peers:
-            peer.start(home)
-            try:
-                for n in levels:
-                    done += 1
-                    print(f"[{done}/{steps}] {peer.name}: {n} stream(s)", file=sys.stderr, flush=True)
-                    peer.results[f"c{n}"] = asyncio.run(level(peer, n, args.rounds))
-                    print(f"      {peer.results[f'c{n}']}", file=sys.stderr, flush=True)
-                done += 1
-                print(f"[{done}/{steps}] {peer.name}: short request during a long prompt", file=sys.stderr,
-                      flush=True)
+        # All servers run at once (idle ones use no CPU) and take turns round by
+        # round, in rotating order, so drift in the machine's speed hits all alike.
+        try:
+            for peer in all_peers:
+                peer.start(home)
+            steps = len(levels) * args.rounds + 1
+            for i, n in enumerate(levels):
+                rates: dict[str, list[float]] = {p.name: [] for p in all_peers}
+                ttfts: dict[str, list[float]] = {p.name: [] for p in all_peers}
+                for r in range(args.rounds):
+                    print(f"[{i * args.rounds + r + 1}/{steps}] {n} stream(s), round {r + 1}", file=sys.stderr,
+                          flush=True)
+                    turn = all_peers[r % len(all_peers):] + all_peers[:r % len(all_peers)]
+                    for peer in turn:
+                        rate, firsts = asyncio.run(one_round(peer, n, r))
+                        rates[peer.name].append(rate)
+                        ttfts[peer.name].extend(firsts)
+                        print(f"      {peer.name}: {rate:.1f} tok/s", file=sys.stderr, flush=True)
+                for peer in all_peers:
+                    peer.results[f"c{n}"] = {"tok_s": statistics.median(rates[peer.name]),
+                                             "ttft_ms": statistics.median(ttfts[peer.name]) * 1000}
+            print(f"[{steps}/{steps}] short request during a long prompt", file=sys.stderr, flush=True)
+            for peer in all_peers:
                 peer.results["long"] = {"ttft_ms": asyncio.run(long_prompt_ttft(peer))}
-                print(f"      {peer.results['long']}", file=sys.stderr, flush=True)
-            finally:
+        finally:
+            for peer in all_peers:
                 peer.stop()
     if args.json:
         print(json.dumps({p.name: p.results for p in all_peers}, indent=2))

@@ -131,6 +131,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None, extra_ro
         finally:
             for engine in engines:
                 await engine.close()
+            state.extras["security"].close()
 
     from hearth.api.ollama import routes as ollama_routes
     from hearth.api import store_routes

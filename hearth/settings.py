@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     ctx_per_slot: int = Field(4096, ge=256, description="Context length of each slot, in tokens.")
     batch_size: int = Field(512, ge=32, description="Most tokens fed to one decode step.")
     prefill_chunk: int = Field(
-        64, ge=8, le=4096,
+        128, ge=8, le=4096,
         description="Prompt tokens read per step while other requests are generating.",
     )
     deterministic: bool = Field(

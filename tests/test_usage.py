@@ -127,3 +127,33 @@ def test_token_window_and_restore() -> None:
         again.admit(7, None, 50)
     clock.t += 81
     again.admit(7, None, 50)
+
+
+def _row(i: int) -> "UsageRow":
+    from hearth.store.usage import UsageRow
+
+    return UsageRow(ts=float(i), key_id=None, key_name=None, model="m", engine="e", cloud=False, dialect="openai",
+                    route="/v1/chat/completions", status=200, prompt_tokens=1, completion_tokens=1, cached_tokens=0,
+                    ttft_ms=1.0, duration_ms=1.0)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_wal_checkpoints_run_in_the_background(tmp_path: Path, background: bool) -> None:
+    """The server's database copies its WAL into the main file on a thread of its own
+    (commits never pay for it); without that thread nothing would (autocheckpoint off)."""
+    import time
+
+    db = open_database(tmp_path / "h.db", background_checkpoints=background)
+    if not background:
+        db.conn.execute("PRAGMA wal_autocheckpoint=0")
+    usage = UsageStore(db)
+    start = (tmp_path / "h.db").stat().st_size
+    for i in range(3000):
+        usage.record(_row(i))
+    deadline = time.time() + 4
+    while time.time() < deadline and (tmp_path / "h.db").stat().st_size == start:
+        time.sleep(0.1)
+    grown = (tmp_path / "h.db").stat().st_size > start
+    assert grown == background
+    assert len(db.query("SELECT id FROM usage")) == 3000
+    db.close()

@@ -101,7 +101,7 @@ class Security:
                  db: SQLiteDatabase | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self.db = db or open_database(settings.db_path)
+        self.db = db or open_database(settings.db_path, background_checkpoints=True)
         self.keys = KeyStore(self.db, clock)
         self.usage = UsageStore(self.db)
         self.limiter = Limiter(settings.rate_window, settings.token_window, clock)

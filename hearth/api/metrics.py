@@ -64,19 +64,30 @@ class Metrics:
                                   buckets=DURATION_BUCKETS, registry=self.registry)
         self.engines = EngineCollector()
         self.registry.register(self.engines)
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def observe(self, rec: RequestRecord, route: str) -> None:
         """Count one finished request."""
         model = rec.model or ""
-        self.requests.labels(route, model, str(rec.status)).inc()
+        self._child(self.requests, route, model, str(rec.status)).inc()
         if rec.prompt_tokens:
-            self.tokens.labels(model, "in").inc(rec.prompt_tokens)
+            self._child(self.tokens, model, "in").inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.tokens.labels(model, "out").inc(rec.completion_tokens)
+            self._child(self.tokens, model, "out").inc(rec.completion_tokens)
         ttft = rec.ttft_ms
         if ttft is not None:
-            self.ttft.labels(model).observe(ttft / 1000)
-        self.duration.labels(route).observe(rec.duration_ms / 1000)
+            self._child(self.ttft, model).observe(ttft / 1000)
+        self._child(self.duration, route).observe(rec.duration_ms / 1000)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: the lookup is on every request's path."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < 10_000:  # bounded: labels come from routes and model names
+                self._children[key] = child
+        return child
 
     async def refresh_engines(self, engines: Iterable[Any]) -> None:
         """Ask each engine with a `stats()` hook for its current figures."""
