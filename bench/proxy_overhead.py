@@ -314,14 +314,18 @@ def main() -> int:
             hearth_url, hp = start_hearth(tmp, upstream)
             procs.append(hp)
             targets["hearth"] = hearth_url
+            rows = asyncio.run(measure(targets, args.requests, args.seconds))
+            # LiteLLM keeps busy in the background even when idle, so it runs only
+            # while it is measured (against a fresh direct baseline).
             if Path(args.litellm).exists():
                 lite_url, lp = start_litellm(tmp, args.litellm, upstream)
                 procs.append(lp)
-                targets["litellm"] = lite_url
+                more = asyncio.run(measure({"direct": upstream, "litellm": lite_url}, args.requests, args.seconds))
+                rows += [r for r in more if r.name == "litellm"]
+                rows.sort(key=lambda r: r.mode != "json")
             else:
                 print(f"LiteLLM not found at {args.litellm}; skipping it "
                       "(python -m venv /work/litellm-venv && /work/litellm-venv/bin/pip install 'litellm[proxy]')")
-            rows = asyncio.run(measure(targets, args.requests, args.seconds))
         finally:
             for p in reversed(procs):
                 stop(p)

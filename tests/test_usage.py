@@ -15,7 +15,7 @@ import pytest
 from hearth.api.quota import Limiter
 from hearth.core.errors import RateLimited
 from hearth.store.db import open_database
-from hearth.store.usage import UsageStore
+from hearth.store.usage import UsageRow, UsageStore
 from tests.conftest import start_server
 
 SECRET_PROMPT = "the-plum-tree-is-behind-the-shed"
@@ -129,9 +129,7 @@ def test_token_window_and_restore() -> None:
     again.admit(7, None, 50)
 
 
-def _row(i: int) -> "UsageRow":
-    from hearth.store.usage import UsageRow
-
+def _row(i: int) -> UsageRow:
     return UsageRow(ts=float(i), key_id=None, key_name=None, model="m", engine="e", cloud=False, dialect="openai",
                     route="/v1/chat/completions", status=200, prompt_tokens=1, completion_tokens=1, cached_tokens=0,
                     ttft_ms=1.0, duration_ms=1.0)
