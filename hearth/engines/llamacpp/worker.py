@@ -256,15 +256,19 @@ class Worker:
         token out at once and joins this step's generating decode.
         """
         m = self.m
-        busy = any(s.seq and s.seq.last >= 0 for s in self.slots)
-        pieces = self.prompt_pieces(self.prefill_chunk if busy else m.batch_cap)
-        if pieces:
-            m.batch_clear()
-            for slot, size in pieces:
-                self.add_prompt(slot, size)
-            if not self.decode():
-                return
-            self.flush()
+        budget = self.prefill_chunk if any(s.seq and s.seq.last >= 0 for s in self.slots) else m.batch_cap
+        if not self.read_prompts(budget):
+            return
+        # Requests that came in meanwhile are read now, before the generating
+        # decode, instead of a whole step later (first token sooner).
+        known = {id(s.seq) for s in self.slots if s.seq}
+        self.drain()
+        if not self.running:
+            return
+        self.admit()
+        fresh = [s for s in self.slots if s.seq and id(s.seq) not in known]
+        if fresh and not self.read_prompts(budget, fresh):
+            return
         generating = [s for s in self.slots if s.seq and s.seq.last >= 0]
         if not generating:
             return
@@ -303,14 +307,27 @@ class Worker:
             out[n] = held
         return out
 
-    def prompt_pieces(self, budget: int) -> list[tuple[Slot, int]]:
+    def read_prompts(self, budget: int, among: list[Slot] | None = None) -> bool:
+        """One decode of prompt pieces (see prompt_pieces); False if it failed."""
+        pieces = self.prompt_pieces(budget, among)
+        if not pieces:
+            return True
+        self.m.batch_clear()
+        for slot, size in pieces:
+            self.add_prompt(slot, size)
+        if not self.decode():
+            return False
+        self.flush()
+        return True
+
+    def prompt_pieces(self, budget: int, among: list[Slot] | None = None) -> list[tuple[Slot, int]]:
         """Equal-size prompt pieces for one decode, in seq-id order.
 
         llama.cpp splits a multi-sequence batch into micro-batches with the same
         number of tokens per sequence (runs of consecutive seq ids): equal
         pieces keep each piece whole, so none is cut down to a single token.
         """
-        order = self.prefilling()
+        order = [s for s in self.prefilling() if among is None or s in among]
         if not order:
             return []
 
