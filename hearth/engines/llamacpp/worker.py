@@ -98,8 +98,11 @@ class Worker:
     def busy(self) -> bool:
         return bool(self.waiting or self.embeds or any(s.seq for s in self.slots))
 
-    def drain(self) -> None:
-        block = not self.busy()
+    def drain(self, wait: bool = True) -> None:
+        """Handle every message in the inbox; with `wait`, block for one when idle."""
+        block = wait and not self.busy()
+        if block:
+            self.flush()  # replies to rejected requests must not wait for the next message
         while True:
             try:
                 msg = self.inbox.get(block=block, timeout=None)
@@ -262,7 +265,7 @@ class Worker:
         # Requests that came in meanwhile are read now, before the generating
         # decode, instead of a whole step later (first token sooner).
         known = {id(s.seq) for s in self.slots if s.seq}
-        self.drain()
+        self.drain(wait=False)
         if not self.running:
             return
         self.admit()
