@@ -100,6 +100,7 @@ def _since(request: Request, clock: Any) -> float | None:
 async def usage(request: Request) -> Response:
     sec = _security(request)
     by = request.query_params.get("by", "key")
+    await sec.settle_usage()
     try:
         rows = sec.usage.summary(by, _since(request, sec.clock))
     except ValueError as exc:
@@ -109,6 +110,7 @@ async def usage(request: Request) -> Response:
 
 async def privacy(request: Request) -> Response:
     sec = _security(request)
+    await sec.settle_usage()
     return JSONResponse(build_report(sec.settings, sec.keys, sec.usage, _since(request, sec.clock)))
 
 

@@ -15,8 +15,9 @@ A pure ASGI middleware (it never buffers a response, so streams stay streams):
 6. `--rpm` / `--tokens-per-day` -> 429 with Retry-After.
 7. Stream idle bound: a response that goes silent for `stream_idle_timeout`
    ends with an error event.
-8. Before the last body byte leaves, the usage row is committed (so a SIGKILL
-   right after a response loses nothing) and the metrics are updated.
+8. Before the last body byte leaves, the usage row is written (appended to the
+   usage journal, see store/usage_journal.py: a SIGKILL right after a
+   response loses nothing) and the metrics are updated.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +41,7 @@ from hearth.settings import Settings
 from hearth.store.db import SQLiteDatabase, open_database
 from hearth.store.keys import Key, KeyStore
 from hearth.store.usage import UsageRow, UsageStore
+from hearth.store.usage_journal import UsageJournal
 
 log = logging.getLogger("hearth.auth")
 Scope = MutableMapping[str, Any]
@@ -102,6 +105,10 @@ class Security:
         self.settings = settings
         self.clock = clock
         self.db = db or open_database(settings.db_path, background_checkpoints=True)
+        # A request's usage row is one append to the journal (folded in batches
+        # on a thread), not a commit on the request path; None if another live
+        # server owns this database's journal or the database was given.
+        self.journal = UsageJournal.claim(Path(settings.db_path)) if db is None else None
         self.keys = KeyStore(self.db, clock)
         self.usage = UsageStore(self.db)
         self.limiter = Limiter(settings.rate_window, settings.token_window, clock)
@@ -212,19 +219,33 @@ class Security:
                 dialect=rec.dialect, route=rec.route, status=rec.status, prompt_tokens=rec.prompt_tokens,
                 completion_tokens=rec.completion_tokens, cached_tokens=rec.cached_tokens, ttft_ms=rec.ttft_ms,
                 duration_ms=rec.duration_ms)
-            if key is not None and t - self._touched.get(key.id, 0.0) >= 1.0:  # last-used, to the second
-                self._touched[key.id] = t
+            touch = key.id if key is not None and t - self._touched.get(key.id, 0.0) >= 1.0 else None
+            if touch is not None:  # last-used, to the second
+                self._touched[touch] = t
+            if self.journal is not None:
+                self.journal.append(row)
+                if touch is not None:
+                    self.keys.touch(touch, t)
+            elif touch is not None:
                 with self.db.transaction():
                     self.usage.record(row)
-                    self.keys.touch(key.id, t)
+                    self.keys.touch(touch, t)
             else:
                 self.usage.record(row)  # one statement: committed on its own
         if key is not None and tokens:
             self.limiter.add_tokens(key.id, tokens, t)
         self.metrics.observe(rec, rec.route)
 
+    async def settle_usage(self) -> None:
+        """Fold the journal, so that a summary read next counts every finished request."""
+        if self.journal is not None:
+            await asyncio.to_thread(self.journal.fold)
+
     def close(self) -> None:
-        """Close the database."""
+        """Fold the journal and close the database."""
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         self.db.close()
 
 

@@ -12,6 +12,9 @@ committed transaction is in the WAL file (the OS page cache) before
 only a power cut can lose the last commits (set `HEARTH_DB_SYNC=full` to
 fsync every commit, at a cost of milliseconds per request).
 
+Usage rows of a running server go through an append-only journal first
+(`usage_journal.py`); opening the database folds or waits for them.
+
 Migrations are an ordered list; `PRAGMA user_version` says how many ran.
 """
 
@@ -78,6 +81,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX usage_ts ON usage(ts);
     CREATE INDEX usage_key_ts ON usage(key_id, ts);
     """,
+    # 3: the newest usage-journal file folded into `usage` (see usage_journal.py)
+    """
+    CREATE TABLE usage_folds (gen INTEGER PRIMARY KEY);
+    """,
 )
 
 
@@ -113,6 +120,10 @@ class SQLiteDatabase:
         self.conn.execute("PRAGMA foreign_keys=ON")
         self._depth = 0
         migrate(self.conn)
+        if str(path) != ":memory:":
+            from hearth.store.usage_journal import settle
+
+            settle(self.conn, self.path)  # rows a server appended but has not folded yet
         self._checkpointer: Checkpointer | None = None
         if background_checkpoints and str(path) != ":memory:":
             # Copying the WAL into the database file takes milliseconds every

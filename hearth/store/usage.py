@@ -34,6 +34,18 @@ class UsageRow:
     duration_ms: float
 
 
+INSERT_SQL = (
+    "INSERT INTO usage (ts, key_id, key_name, model, engine, cloud, dialect, route, status, prompt_tokens, "
+    "completion_tokens, cached_tokens, ttft_ms, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def row_values(row: UsageRow) -> tuple[Any, ...]:
+    """The row's values in `INSERT_SQL` order."""
+    return (row.ts, row.key_id, row.key_name, row.model, row.engine, int(row.cloud), row.dialect, row.route,
+            row.status, row.prompt_tokens, row.completion_tokens, row.cached_tokens, row.ttft_ms, row.duration_ms)
+
+
 class UsageStore:
     """Writes and summarises usage rows."""
 
@@ -42,12 +54,7 @@ class UsageStore:
 
     def record(self, row: UsageRow) -> None:
         """Store one request (committed by the caller's transaction, or at once)."""
-        self.db.execute(
-            "INSERT INTO usage (ts, key_id, key_name, model, engine, cloud, dialect, route, status, prompt_tokens, "
-            "completion_tokens, cached_tokens, ttft_ms, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.ts, row.key_id, row.key_name, row.model, row.engine, int(row.cloud), row.dialect, row.route,
-             row.status, row.prompt_tokens, row.completion_tokens, row.cached_tokens, row.ttft_ms, row.duration_ms),
-        )
+        self.db.execute(INSERT_SQL, row_values(row))
 
     def summary(self, by: str = "key", since: float | None = None) -> list[dict[str, Any]]:
         """Totals grouped by key, model or day, largest first (days: newest first)."""

@@ -1,0 +1,95 @@
+"""The usage journal: appends survive a killed owner, folds are exactly-once, readers see finished rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hearth.store.db import open_database
+from hearth.store.usage import UsageRow
+from hearth.store.usage_journal import UsageJournal, fold_sealed, journal_path
+
+
+def row(i: int) -> UsageRow:
+    return UsageRow(ts=1000.0 + i, key_id=None, key_name=f"k{i}", model="m", engine="e", cloud=False,
+                    dialect="openai", route="/v1/chat/completions", status=200, prompt_tokens=i,
+                    completion_tokens=1, cached_tokens=0, ttft_ms=1.0, duration_ms=2.0)
+
+
+def count(db_path: Path) -> list[int]:
+    db = open_database(db_path)
+    try:
+        return [r[0] for r in db.query("SELECT prompt_tokens FROM usage ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_rows_of_a_killed_owner_are_folded_by_the_next_opener(tmp_path: Path) -> None:
+    db_path = tmp_path / "hearth.db"
+    open_database(db_path).close()
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from hearth.store.usage_journal import UsageJournal\n"
+        "from tests.test_usage_journal import row\n"
+        "j = UsageJournal.claim(Path(sys.argv[1]), interval=3600)\n"
+        "for i in range(50):\n"
+        "    j.append(row(i))\n"
+        "os._exit(0)  # like SIGKILL: no close, no fold\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code, str(db_path), root], check=True, timeout=60)
+    assert journal_path(db_path).stat().st_size > 0
+    assert count(db_path) == list(range(50))
+    assert not journal_path(db_path).exists() or journal_path(db_path).stat().st_size == 0
+    assert count(db_path) == list(range(50))  # opened again: nothing counted twice
+
+
+def test_a_live_owner_is_waited_for_and_a_second_owner_refused(tmp_path: Path) -> None:
+    db_path = tmp_path / "hearth.db"
+    open_database(db_path).close()
+    owner = UsageJournal.claim(db_path, interval=0.2)
+    assert owner is not None
+    try:
+        assert UsageJournal.claim(db_path) is None
+        for i in range(10):
+            owner.append(row(i))
+        t0 = time.monotonic()
+        assert count(db_path) == list(range(10))  # the opener waited for the owner's fold
+        assert time.monotonic() - t0 < 3
+        owner.append(row(10))
+    finally:
+        owner.close()
+    assert count(db_path) == list(range(11))  # close folds the rest
+
+
+def test_a_fold_cut_off_after_its_commit_is_not_repeated(tmp_path: Path) -> None:
+    db_path = tmp_path / "hearth.db"
+    db = open_database(db_path)
+    journal = journal_path(db_path)
+    data = b"".join(__import__("orjson").dumps(list(v)) + b"\n"
+                    for v in [(1.0, None, None, "m", "e", 0, "openai", "/v1/x", 200, 7, 1, 0, None, 1.0)])
+    sealed = journal.with_name(journal.name + ".123")
+    sealed.write_bytes(data)
+    assert fold_sealed(db.conn, journal) == 1
+    sealed.write_bytes(data)  # as if the process died before deleting it
+    assert fold_sealed(db.conn, journal) == 0
+    assert not sealed.exists()
+    db.close()
+    assert count(db_path) == [7]
+
+
+def test_half_a_line_from_a_crash_is_skipped_not_fatal(tmp_path: Path) -> None:
+    db_path = tmp_path / "hearth.db"
+    open_database(db_path).close()
+    owner = UsageJournal.claim(db_path, interval=3600)
+    assert owner is not None
+    owner.append(row(1))
+    owner.append(row(2))
+    with journal_path(db_path).open("ab") as f:
+        f.write(b'[1.0, null, "cut')
+    owner.close()
+    assert count(db_path) == [1, 2]
