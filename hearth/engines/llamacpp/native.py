@@ -10,6 +10,7 @@ import ctypes
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import llama_cpp as L
@@ -91,6 +92,7 @@ class Model:
         self.threads = threads
         self._ectx: Any = None
         self._piece = ctypes.create_string_buffer(256)
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- metadata -------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -184,6 +186,25 @@ class Model:
 
     def sample(self, chain: Any, index: int) -> int:
         return int(L.llama_sampler_sample(chain, self.ctx, index))
+
+    def sample_all(self, jobs: list[tuple[Any, int]]) -> list[int]:
+        """Sample several sequences (chain, batch index); half of them on a helper thread.
+
+        Sampling walks the whole vocabulary (262k tokens for Gemma 3) on one
+        core while the other idles between decodes; ctypes lets go of the GIL
+        during each call, so two threads halve that time. Each chain is used by
+        one thread only, so results do not depend on the split.
+        """
+        if len(jobs) < 2 or self.threads < 2:
+            return [self.sample(c, i) for c, i in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hearth-sample")
+        # The first logits read syncs the context and reorders outputs: do it here, once.
+        L.llama_get_logits_ith(self.ctx, jobs[0][1])
+        half = len(jobs) // 2
+        rest = self._pool.submit(lambda: [self.sample(c, i) for c, i in jobs[half:]])
+        first = [self.sample(c, i) for c, i in jobs[:half]]
+        return first + rest.result()
 
     @staticmethod
     def free_sampler(chain: Any) -> None:

@@ -223,10 +223,10 @@ class Worker:
         if rc != 0:
             self.fail_active(f"llama_decode failed (code {rc})")
             return False
-        for slot in self.slots:
-            seq = slot.seq
-            if seq is not None and seq.logits_at >= 0:
-                self.sample(slot, seq)
+        ready = [(slot, slot.seq) for slot in self.slots if slot.seq is not None and slot.seq.logits_at >= 0]
+        tokens = self.m.sample_all([(seq.sampler, seq.logits_at) for _, seq in ready])
+        for (slot, seq), token in zip(ready, tokens):
+            self.take(slot, seq, token)
         return True
 
     def step_fast(self) -> None:
@@ -360,9 +360,9 @@ class Worker:
         if self.embeds:
             self.embed_step()
 
-    def sample(self, slot: Slot, seq: Seq) -> None:
+    def take(self, slot: Slot, seq: Seq, token: int) -> None:
+        """Act on a sampled token: emit its text, or finish the sequence."""
         m = self.m
-        token = m.sample(seq.sampler, seq.logits_at)
         now = time.perf_counter_ns()
         if seq.last < 0:
             seq.t_first = now
