@@ -422,16 +422,23 @@ class UpstreamGeneration:
                     raise self._broken("closed the stream before finishing")
             lines = (rest + data).split(b"\n")
             rest = lines.pop()
+            # Pieces that arrived together go out together: one chunk per read,
+            # not per upstream event (fewer writes; same text).
+            texts = []
             for line in lines:
                 try:
                     text = parser.feed(line)
                 except UpstreamError as exc:
                     raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
                 if text:
-                    started = True
-                    yield text
+                    texts.append(text)
                 if parser.done:
-                    return
+                    break
+            if texts:
+                started = True
+                yield "".join(texts)
+            if parser.done:
+                return
 
     def _broken(self, what: str, status: int = 502) -> UpstreamError:
         """The clean error a caller gets when a started stream fails (never retried)."""
