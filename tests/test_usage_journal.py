@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
+
 from hearth.store.db import open_database
 from hearth.store.usage import UsageRow
 from hearth.store.usage_journal import UsageJournal, fold_sealed, journal_path
@@ -70,8 +72,7 @@ def test_a_fold_cut_off_after_its_commit_is_not_repeated(tmp_path: Path) -> None
     db_path = tmp_path / "hearth.db"
     db = open_database(db_path)
     journal = journal_path(db_path)
-    data = b"".join(__import__("orjson").dumps(list(v)) + b"\n"
-                    for v in [(1.0, None, None, "m", "e", 0, "openai", "/v1/x", 200, 7, 1, 0, None, 1.0)])
+    data = orjson.dumps([1.0, None, None, "m", "e", 0, "openai", "/v1/x", 200, 7, 1, 0, None, 1.0]) + b"\n"
     sealed = journal.with_name(journal.name + ".123")
     sealed.write_bytes(data)
     assert fold_sealed(db.conn, journal) == 1

@@ -104,6 +104,19 @@ class Database(Protocol):
         """Release the connection."""
 
 
+def connect(path: Path | str, sync: str | None = None) -> sqlite3.Connection:
+    """A connection in autocommit mode with hearth's settings (WAL, `HEARTH_DB_SYNC`, foreign keys)."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    mode = (sync or os.environ.get("HEARTH_DB_SYNC") or "normal").upper()
+    if mode not in ("NORMAL", "FULL"):
+        conn.close()
+        raise ValueError(f"HEARTH_DB_SYNC must be normal or full, got {mode.lower()!r}")
+    conn.execute(f"PRAGMA synchronous={mode}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
 class SQLiteDatabase:
     """A `Database` on one SQLite file (one connection, used from one thread)."""
 
@@ -111,13 +124,7 @@ class SQLiteDatabase:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        mode = (sync or os.environ.get("HEARTH_DB_SYNC") or "normal").upper()
-        if mode not in ("NORMAL", "FULL"):
-            raise ValueError(f"HEARTH_DB_SYNC must be normal or full, got {mode.lower()!r}")
-        self.conn.execute(f"PRAGMA synchronous={mode}")
-        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn = connect(path, sync)
         self._depth = 0
         migrate(self.conn)
         if str(path) != ":memory:":
@@ -177,7 +184,7 @@ class Checkpointer:
         self._thread.start()
 
     def _run(self) -> None:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=10.0)
+        conn = connect(self.path)
         try:
             while not self._stop.wait(self.interval):
                 try:

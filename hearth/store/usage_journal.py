@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from hearth.store.db import connect
 from hearth.store.usage import INSERT_SQL, UsageRow, row_values
 
 log = logging.getLogger("hearth.store")
@@ -159,7 +160,7 @@ class UsageJournal:
         self._fold = threading.Lock()  # one fold at a time (thread, admin reads, close)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size
-        self._conn = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False, timeout=10.0)
+        self._conn = connect(db_path)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hearth-usage-journal", daemon=True)
         self._thread.start()
