@@ -34,7 +34,13 @@ from starlette.routing import Match
 
 from hearth.api.metrics import Metrics
 from hearth.api.quota import Limiter
-from hearth.core.errors import BadRequest, Forbidden, HearthError, PayloadTooLarge, Unauthorized
+from hearth.core.errors import (
+    BadRequest,
+    Forbidden,
+    HearthError,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from hearth.core.record import RequestRecord, close_record, open_record
 from hearth.core.router import normalize
 from hearth.settings import Settings
