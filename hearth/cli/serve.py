@@ -9,6 +9,7 @@ import sys
 
 import uvicorn
 
+from hearth.api.corked import corked_protocol
 from hearth.app import create_app
 from hearth.settings import Settings
 
@@ -47,7 +48,7 @@ async def _run(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         loop="none",
-        http="httptools",
+        http=corked_protocol(),  # joins a response's writes: fewer sends per answer
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=5,
         lifespan="off",  # run below, so that a startup SettingsError is one readable line
