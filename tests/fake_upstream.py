@@ -2,7 +2,8 @@
 
 `FakeUpstream(kind="openai"|"ollama", mode=...)` runs an aiohttp server in a
 thread. Modes: ok, error500, die (breaks the stream after two pieces),
-stall (never answers), stall_mid (one piece, then silence), badjson (structured
+stall (never answers), stall_mid (one piece, then silence until the client
+hangs up, counted in `cut`), badjson (structured
 output that fails the schema). `delay` slows every answer; `requests` counts
 generation calls; `bodies` keeps the JSON bodies received.
 """
@@ -31,6 +32,7 @@ class FakeUpstream:
         self.models = models
         self.dimension = dimension
         self.requests = 0
+        self.cut = 0
         self.bodies: list[dict[str, Any]] = []
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -127,7 +129,10 @@ class FakeUpstream:
                 request.transport.abort()
                 return resp
             if self.mode == "stall_mid" and i == 1:
-                await asyncio.sleep(3600)
+                while request.transport is not None and not request.transport.is_closing():
+                    await asyncio.sleep(0.02)
+                self.cut += 1  # the client (hearth) hung up
+                return resp
             await resp.write(self._piece(piece, chat))
         finish = "stop" if (body.get("response_format") or body.get("format")) else "length"
         await resp.write(self._end(chat, len(pieces), finish))

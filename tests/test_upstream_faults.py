@@ -252,6 +252,33 @@ def test_stall_mid_stream_hits_idle_timeout(server: Server) -> None:
     assert "timeouts.idle" in r.json()["error"]["message"]
 
 
+def _wait_cut(fake: FakeUpstream, before: int, limit: float) -> float:
+    """Seconds until the fake saw hearth hang up (fails after `limit`)."""
+    t0 = time.monotonic()
+    while fake.cut == before and time.monotonic() - t0 < limit:
+        time.sleep(0.01)
+    assert fake.cut == before + 1, "hearth did not hang up on the upstream"
+    return time.monotonic() - t0
+
+
+def test_client_leaving_a_stream_hangs_up_on_the_upstream(server: Server, fakes: Fakes) -> None:
+    before = fakes.stall_mid.cut
+    body = {"model": "m@stallmid", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", server.v1 + "/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        assert any("Hello" in line for line in r.iter_lines())  # the first piece arrived; then leave
+    # noticed at once, not at the upstream's 1 s idle timeout
+    assert _wait_cut(fakes.stall_mid, before, 3) < 0.6
+
+
+def test_client_leaving_a_non_streamed_request_hangs_up_on_the_upstream(server: Server, fakes: Fakes) -> None:
+    before = fakes.stall_mid.cut
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.v1 + "/chat/completions", json={"model": "m@stallmid", "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=0.3)
+    assert _wait_cut(fakes.stall_mid, before, 3) < 0.5
+
+
 def _schema_format(strict: bool) -> dict[str, object]:
     return {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": strict}}
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from hearth.core.errors import BadRequest, EngineUnavailable, PayloadTooLarge
 
@@ -26,6 +27,84 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+class DisconnectWatch:
+    """Cancels the current task if the client disconnects (see `until_disconnect`, `Stream`).
+
+    The watcher task starts only after `WATCH_AFTER` seconds: most answers are
+    done by then and never pay for a task of their own (this is on every
+    request's path); a client that leaves early is noticed at that point.
+    """
+
+    WATCH_AFTER = 0.05
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.receive = receive
+        self.gone = False
+        self._watcher: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(self.WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.task.cancel()
+
+    def stop(self) -> None:
+        """No more watching (call before the response completes: uvicorn then reports a disconnect)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def left(self) -> bool:
+        """After a CancelledError: True if it was this watch's (the client left), consuming it."""
+        return self.gone and self.task.uncancel() == 0
+
+
+class Stream(Response):
+    """A streamed body that stops (closing the body iterator) when the client leaves.
+
+    Starlette's StreamingResponse spends a task group and two tasks per
+    response on watching for the disconnect; here the body runs in the
+    request's own task with a `DisconnectWatch`.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes], media_type: str, headers: Mapping[str, str] | None = None) -> None:
+        self.body_iterator = body
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        watch = DisconnectWatch(receive)
+        try:
+            async for piece in self.body_iterator:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            watch.stop()
+            if watch.gone:  # left just as the body ended: take the cancel meant for the body
+                await asyncio.sleep(0)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watch.left():
+                raise
+            log.debug("client left during a stream: %s %s", scope.get("method"), scope.get("path"))
+        finally:
+            watch.stop()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -69,33 +148,16 @@ def parse(model: type[M], data: Any) -> M:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client goes away first.
-
-    `work` runs in this task; only the watcher is a task of its own (one task
-    per request, not two: this is on every non-streamed request's path).
-    """
-    me = asyncio.current_task()
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                gone = True
-                if me is not None:
-                    me.cancel()
-                return
-
-    watcher = asyncio.ensure_future(watch())
+    """Run `work` in this task, cancelling it if the client goes away first."""
+    watch = DisconnectWatch(request.receive)
     try:
         return await work
     except asyncio.CancelledError:
-        if gone and me is not None and me.uncancel() == 0:
+        if watch.left():
             raise EngineUnavailable("client disconnected") from None
         raise
     finally:
-        watcher.cancel()
+        watch.stop()
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from hearth.api.common import JSONResponse, read_json
+from hearth.api.common import JSONResponse, Stream, read_json
 from hearth.core.errors import BadRequest, HearthError
 from hearth.models import catalog
 from hearth.models.fit import check
@@ -121,7 +121,7 @@ async def pull(request: Request) -> Response:
             event.pop("speed", None)
             yield orjson.dumps(event) + b"\n"
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return Stream(lines(), "application/x-ndjson")
 
 
 # -- delete / copy ------------------------------------------------------------------------

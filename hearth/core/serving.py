@@ -117,6 +117,8 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
 
 async def collect_all(gens: list[Generation], req: GenerateRequest) -> list[Result]:
     """Collect several generations concurrently (they share the engine's batch)."""
+    if len(gens) == 1:  # the common case: no task
+        return [await collect(gens[0], req)]
     try:
         return list(await asyncio.gather(*(collect(g, req) for g in gens)))
     finally:

@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from hearth import __version__
-from hearth.api.common import JSONResponse, parse, read_json, until_disconnect
+from hearth.api.common import JSONResponse, Stream, parse, read_json, until_disconnect
 from hearth.api.ollama import convert
 from hearth.api.ollama import schemas as w
 from hearth.core import serving
@@ -86,8 +86,8 @@ async def _serve(request: Request, kind: str, wire: w.GenerationFields, req: Gen
     state.limit_max_tokens(req)
     gen = (await serving.start(engine, info, req))[0]
     if wire.stream:
-        return StreamingResponse(_stream(kind, wire.model, gen, req, t0), media_type=NDJSON,
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Stream(_stream(kind, wire.model, gen, req, t0), NDJSON,
+                      {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     result = await until_disconnect(request, serving.collect(gen, req))
     total = time.perf_counter_ns() - t0
     return JSONResponse(convert.final_body(kind, wire.model, _created_at(), result.text, result.finish_reason,

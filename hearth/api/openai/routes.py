@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from hearth.api.common import JSONResponse, merge, parse, read_json, until_disconnect
+from hearth.api.common import JSONResponse, Stream, merge, parse, read_json, until_disconnect
 from hearth.api.openai import convert
 from hearth.api.openai import schemas as w
 from hearth.core import serving
@@ -45,12 +45,8 @@ async def _guarded(body: AsyncIterator[bytes], gens: list) -> AsyncIterator[byte
             await g.aclose()
 
 
-def _stream_response(body: AsyncIterator[bytes], gens: list) -> StreamingResponse:
-    return StreamingResponse(
-        _guarded(body, gens),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+def _stream_response(body: AsyncIterator[bytes], gens: list) -> Stream:
+    return Stream(_guarded(body, gens), "text/event-stream", {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def chat_completions(request: Request) -> Response:
