@@ -10,6 +10,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from hearth.api.metrics import Metrics
+from hearth.core.record import RequestRecord
 from tests.conftest import Server
 
 ASK = [{"role": "user", "content": "one two three"}]
@@ -88,6 +89,27 @@ def test_engine_gauges_come_from_stats_hooks() -> None:
 
 def test_two_apps_do_not_share_series() -> None:
     a, b = Metrics(), Metrics()
-    a.requests.labels("/x", "m", "200").inc()
-    assert ("hearth_requests_total", (("model", "m"), ("route", "/x"), ("status", "200"))) not in \
-        samples(b.render().decode())
+    a.observe(RequestRecord(route="/x", model="m", status=200), "/x")
+    key = ("hearth_requests_total", (("model", "m"), ("route", "/x"), ("status", "200")))
+    assert samples(a.render().decode())[key] == 1
+    assert key not in samples(b.render().decode())
+
+
+def test_histogram_buckets_are_cumulative_with_le_inclusive() -> None:
+    m = Metrics()
+    for ttft_ms in (10, 30, 30, 99_000):  # 0.01 s sits in le=0.01; 99 s only in +Inf
+        rec = RequestRecord(route="/v1/chat/completions", model="m", status=200, prompt_tokens=2, completion_tokens=3)
+        rec.first_token_ns = rec.started_ns + ttft_ms * 1_000_000
+        rec.finished_ns = rec.started_ns + 2_000_000_000
+        m.observe(rec, "/v1/chat/completions")
+    s = samples(m.render().decode())
+    bucket = "hearth_time_to_first_token_seconds_bucket"
+    assert value(s, bucket, model="m", le="0.01") == 1
+    assert value(s, bucket, model="m", le="0.025") == 1
+    assert value(s, bucket, model="m", le="0.05") == 3
+    assert value(s, bucket, model="m", le="30.0") == 3
+    assert value(s, bucket, model="m", le="+Inf") == 4
+    assert value(s, "hearth_time_to_first_token_seconds_count", model="m") == 4
+    assert abs(value(s, "hearth_time_to_first_token_seconds_sum", model="m") - 99.07) < 1e-6
+    assert value(s, "hearth_request_duration_seconds_bucket", route="/v1/chat/completions", le="2.5") == 4
+    assert value(s, "hearth_tokens_total", model="m", direction="out") == 12

@@ -426,6 +426,8 @@ class UpstreamGeneration:
             # not per upstream event (fewer writes; same text).
             texts = []
             for line in lines:
+                if not line or line == b"\r":  # event separators carry nothing
+                    continue
                 try:
                     text = parser.feed(line)
                 except UpstreamError as exc:
