@@ -136,3 +136,50 @@ def test_migrations_are_idempotent(tmp_path: Path) -> None:
     db = open_database(tmp_path / "x.db")
     assert db.query("PRAGMA user_version")[0][0] == len(MIGRATIONS)
     assert db.query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+class CountingDatabase:
+    """The real database, counting the queries that reach it."""
+
+    def __init__(self, path: Path) -> None:
+        self.inner = open_database(path)
+        self.path = self.inner.path
+        self.queries = 0
+
+    def query(self, sql: str, params: tuple = ()) -> list:
+        self.queries += 1
+        return self.inner.query(sql, params)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_changes_from_another_process_count_on_the_next_request(tmp_path: Path, clock: Clock) -> None:
+    server = KeyStore(open_database(tmp_path / "hearth.db"), clock)
+    cli = KeyStore(open_database(tmp_path / "hearth.db"), clock)  # its own connection, like `hearth keys`
+    assert not server.any_keys()
+    key, secret = cli.create("phone")
+    assert server.any_keys()
+    assert server.verify(secret).name == "phone"
+    cli.revoke("phone")
+    assert server.verify(secret) is None
+    _, again = cli.create("phone")
+    new, newer = cli.rotate("phone", overlap=0)
+    assert server.verify(again) is None and server.verify(newer).name == "phone"
+
+
+def test_checks_come_from_memory_until_the_keys_change(tmp_path: Path, clock: Clock) -> None:
+    db = CountingDatabase(tmp_path / "hearth.db")
+    server = KeyStore(db, clock)
+    cli = KeyStore(open_database(tmp_path / "hearth.db"), clock)
+    _, secret = cli.create("tv")
+    server.any_keys(), server.verify(secret)
+    before = db.queries
+    for _ in range(5):
+        assert server.any_keys() and server.verify(secret).name == "tv"
+    assert db.queries == before  # one stat per check, no query
+    assert server.verify(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None  # a wrong secret is not cached
+    assert db.queries == before + 1
+    cli.create("radio")
+    assert server.verify(secret).name == "tv"
+    assert db.queries == before + 2  # the stamp changed: asked again

@@ -123,22 +123,13 @@ class Security:
         self.cloud_engines = frozenset(n for n, up in (getattr(settings, "upstreams", None) or {}).items()
                                        if getattr(up, "cloud", False))
         self._keys_on = False
-        self._keys_checked = 0.0
         self._labels: dict[str, str] = {}
         self._touched: dict[int, float] = {}
 
-    def keys_on(self, fresh: bool = True) -> bool:
-        """True once any key exists (the CLI may add one while the server runs).
-
-        Until then the database is asked again on every call, or at most once
-        a second with `fresh=False` (where a stale "no keys" changes only the
-        wording of a 401).
-        """
+    def keys_on(self) -> bool:
+        """True once any key exists (the CLI may add one while the server runs; a stat tells)."""
         if not self._keys_on:
-            now = time.monotonic()
-            if fresh or now - self._keys_checked >= 1.0:
-                self._keys_checked = now
-                self._keys_on = self.keys.any_keys()
+            self._keys_on = self.keys.any_keys()
         return self._keys_on
 
     def authorize(self, scope: Scope) -> Key | None:
@@ -148,10 +139,7 @@ class Security:
         local = bool(client) and client[0] in LOOPBACK_CLIENTS
         if secret is None and local and not self.settings.loopback_needs_key:
             return None  # the owner on this machine, whether keys exist or not
-        # Whether keys exist decides between the owner and a 401 for local callers
-        # and anyone presenting a key (even a placeholder): ask the database now.
-        # A remote caller without a key gets a 401 either way (only the wording differs).
-        if not self.keys_on(fresh=secret is not None or local):
+        if not self.keys_on():
             if client and not local:
                 raise Unauthorized("this server has no API keys yet, so it answers only on this machine; "
                                    "create an admin key with `hearth keys create NAME --role admin`")

@@ -5,6 +5,12 @@ its SHA-256 is stored (a slow hash adds nothing for 256-bit random secrets)
 with an 8-character prefix to find it; the hash is compared with
 `secrets.compare_digest`. A key can hold several secrets while a rotation
 overlaps: the old one gets an expiry, the new one none.
+
+Every change to the keys (create, revoke, rotate; from the CLI or the admin
+API) replaces a stamp file next to the database. A server checks the stamp
+(one stat) on each request and keeps "are there keys" and the keys it
+verified in memory until the stamp changes: a revoked key stops working on
+the next request, without a database query per request.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hearth.store.db import Database, now
@@ -25,6 +34,8 @@ SECRET_PREFIX = "hk-"
 PREFIX_LEN = len(SECRET_PREFIX) + 8
 DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STAMP_SUFFIX = "-keys.stamp"
+CACHE_MAX = 4096
 
 
 class KeyError_(ValueError):
@@ -93,6 +104,39 @@ class KeyStore:
     def __init__(self, db: Database, clock: Callable[[], float] = now) -> None:
         self.db = db
         self.clock = clock
+        path = getattr(db, "path", None)
+        self.stamp = Path(f"{path}{STAMP_SUFFIX}") if path is not None and str(path) != ":memory:" else None
+        self._seen: object = None  # stamp version the caches below belong to
+        self._any: bool | None = None
+        self._verified: dict[str, tuple[Key, float | None]] = {}  # secret hash -> key, secret expiry
+
+    def version(self) -> tuple[int, int, int] | None:
+        """Differs after every change to the keys by any process; None when there is no stamp to go by."""
+        if self.stamp is None:
+            return None
+        try:
+            st = os.stat(self.stamp)
+        except FileNotFoundError:
+            return (0, 0, 0)
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    def _changed(self) -> None:
+        """Replace the stamp (a new file each time, so its inode and times change)."""
+        if self.stamp is None:
+            return
+        tmp = self.stamp.with_name(f"{self.stamp.name}.{os.getpid()}.tmp")
+        tmp.write_text(str(time.time_ns()))
+        os.replace(tmp, self.stamp)
+
+    def _fresh(self) -> bool:
+        """True if the caches are still valid; otherwise empties them."""
+        v = self.version()
+        if v is not None and v == self._seen:
+            return True
+        self._seen = v
+        self._any = None
+        self._verified.clear()
+        return False
 
     def create(self, name: str, role: str = "user", models: list[str] | None = None, allow_cloud: bool = False,
                rpm: int | None = None, tokens_per_day: int | None = None,
@@ -111,6 +155,7 @@ class KeyStore:
                 (name, role, json.dumps(models or ["*"]), int(allow_cloud), rpm, tokens_per_day, t, expires_at),
             )
             self._add_secret(key_id, secret, t)
+        self._changed()
         key = self.get(name)
         assert key is not None
         return key, secret
@@ -141,6 +186,7 @@ class KeyStore:
         """Revoke a key: every secret of it stops working on the next request."""
         key = self._require(name)
         self.db.execute("UPDATE keys SET revoked_at = ? WHERE id = ?", (self.clock(), key.id))
+        self._changed()
         key.revoked_at = self.clock()
         return key
 
@@ -155,6 +201,7 @@ class KeyStore:
             self.db.execute("UPDATE key_secrets SET expires_at = ? WHERE key_id = ? AND "
                             "(expires_at IS NULL OR expires_at > ?)", (t + overlap, key.id, t + overlap))
             self._add_secret(key.id, secret, t)
+        self._changed()
         return self._with_prefixes(key), secret
 
     def _require(self, name: str) -> Key:
@@ -169,15 +216,22 @@ class KeyStore:
             return None
         t = self.clock()
         digest = hash_secret(secret)
+        if self._fresh() and digest in self._verified:
+            key, until = self._verified[digest]
+            valid = (until is None or until > t) and (key.expires_at is None or key.expires_at > t)
+            return key if valid else None
         rows = self.db.query(
             f"SELECT s.hash, s.expires_at, {', '.join('k.' + c.strip() for c in KEY_COLUMNS.split(','))} "
             "FROM key_secrets s JOIN keys k ON k.id = s.key_id WHERE s.prefix = ?", (secret[:PREFIX_LEN],))
         found: Key | None = None
+        until: float | None = None
         for row in rows:
             if secrets.compare_digest(row[0], digest) and (row[1] is None or row[1] > t):
-                found = _key(row[2:])
+                found, until = _key(row[2:]), row[1]
         if found is None or found.revoked_at is not None or (found.expires_at is not None and found.expires_at <= t):
             return None
+        if self._seen is not None and len(self._verified) < CACHE_MAX:  # only valid keys: no growth from guesses
+            self._verified[digest] = (found, until)
         return found
 
     def touch(self, key_id: int, t: float) -> None:
@@ -186,7 +240,10 @@ class KeyStore:
 
     def any_keys(self) -> bool:
         """True once any key has been created (revoked ones count: auth stays on)."""
-        return bool(self.db.query("SELECT EXISTS (SELECT 1 FROM keys)")[0][0])
+        if self._fresh() and self._any is not None:
+            return self._any
+        self._any = bool(self.db.query("SELECT EXISTS (SELECT 1 FROM keys)")[0][0])
+        return self._any
 
     def has_admin(self) -> bool:
         """True when a live, unexpired admin key exists."""
