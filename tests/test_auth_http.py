@@ -135,6 +135,27 @@ def test_model_patterns_give_403_naming_the_model(server: Server) -> None:
     assert oai(server, wide).models.retrieve("fake").id
 
 
+def test_model_lists_show_a_restricted_key_only_its_models(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "hearth.toml").write_text(
+        '[upstreams.lan]\nkind = "openai"\nurls = ["http://127.0.0.1:9"]\nmodels = ["llama3:8b", "nomic-embed"]\n')
+    server = start_server(home, "--fake", timeout=30)
+    try:
+        admin = new_key(server.home, "root", "--role", "admin")
+        assert {m.id for m in oai(server, admin).models.list()} == {"fake:latest", "llama3:8b", "nomic-embed"}
+        narrow = new_key(server.home, "embedder", "--models", "nomic*")
+        assert {m.id for m in oai(server, narrow).models.list()} == {"nomic-embed"}
+        assert {m.model for m in oll(server, narrow).list().models} == {"nomic-embed"}
+        oll(server, admin).generate(model="fake", prompt="", keep_alive="5m")  # loaded: /api/ps shows it
+        assert "fake:latest" in {m.model for m in oll(server, admin).ps().models}
+        assert "fake:latest" not in {m.model for m in oll(server, narrow).ps().models}
+        by_alias = new_key(server.home, "by-alias", "--models", "main")  # an alias allows its target
+        assert {m.id for m in oai(server, by_alias).models.list()} == {"fake:latest"}
+    finally:
+        stop_server(server)
+
+
 def test_roles_guard_admin_endpoints_and_metrics(server: Server) -> None:
     user = new_key(server.home, "user1")
     admin = new_key(server.home, "root", "--role", "admin")

@@ -43,6 +43,7 @@ from hearth.core.errors import (
 )
 from hearth.core.record import RequestRecord, close_record, open_record
 from hearth.core.router import normalize
+from hearth.core.types import ModelInfo
 from hearth.settings import Settings
 from hearth.store.db import SQLiteDatabase, open_database
 from hearth.store.keys import Key, KeyStore
@@ -258,6 +259,20 @@ class Security:
 _NO_MODEL = object()
 
 
+def visible_models(scope: Scope, models: list[ModelInfo]) -> list[ModelInfo]:
+    """The models the calling key may use: model lists show a restricted key only those."""
+    key: Key | None = scope.get("hearth.key")
+    if key is None:
+        return models
+    aliases = scope["app"].state.hearth.router.aliases
+    named: dict[str, list[str]] = {}  # model id -> aliases pointing at it (a key allowed an alias sees its target)
+    for alias, target in aliases.items():
+        named.setdefault(normalize(target), []).append(alias)
+    return [m for m in models
+            if key.allows_model(model_spellings(m.id, aliases) + named.get(normalize(m.id), []))
+            and (key.allow_cloud or not m.metadata.get("cloud"))]
+
+
 def model_spellings(name: str, aliases: dict[str, str]) -> list[str]:
     """A model's names a pattern may match: as asked, with/without `:latest`, and an alias's target."""
     names = [name, normalize(name), name.removesuffix(":latest")]
@@ -428,6 +443,7 @@ class SecurityMiddleware:
                 await self.app(scope, receive, send_only(exchange))
                 return
             exchange.key = sec.authorize(scope)
+            scope["hearth.key"] = exchange.key  # for the model lists (visible_models)
             exchange.rec.key_name = exchange.key.name if exchange.key else None
             receive = await sec.check_model(scope, receive, exchange.key)
         except HearthError as err:

@@ -19,6 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from hearth import __version__
+from hearth.api.auth import visible_models
 from hearth.api.common import JSONResponse, Stream, parse, read_json, until_disconnect
 from hearth.api.ollama import convert
 from hearth.api.ollama import schemas as w
@@ -166,7 +167,8 @@ async def embeddings(request: Request) -> Response:
 async def tags(request: Request) -> Response:
     """`GET /api/tags`: every model hearth serves, with GGUF details."""
     state = request.app.state.hearth
-    return JSONResponse({"models": [convert.tag_body(m) for m in await state.router.models()]})
+    models = visible_models(request.scope, await state.router.models())
+    return JSONResponse({"models": [convert.tag_body(m) for m in models]})
 
 
 async def show(request: Request) -> Response:
@@ -187,11 +189,14 @@ async def ps(request: Request) -> Response:
     """`GET /api/ps`: models held in memory, their size, expiry and context length."""
     state = request.app.state.hearth
     infos = {m.id: m for m in await state.router.models()}
+    allowed = {m.id for m in visible_models(request.scope, list(infos.values()))}
+    owner = request.scope.get("hearth.key") is None
     now = time.time()
     models = [
         convert.ps_body(loaded, infos.get(loaded.id), now)
         for engine in state.engines
         for loaded in await engine.loaded()
+        if loaded.id in allowed or (owner and loaded.id not in infos)
     ]
     return JSONResponse({"models": models})
 

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from hearth.api.auth import visible_models
 from hearth.api.common import JSONResponse, Stream, merge, parse, read_json, until_disconnect
 from hearth.api.openai import convert
 from hearth.api.openai import schemas as w
@@ -150,7 +151,7 @@ async def embeddings(request: Request) -> Response:
 
 async def list_models(request: Request) -> Response:
     state = request.app.state.hearth
-    data = [convert.model_body(m) for m in await state.router.models()]
+    data = [convert.model_body(m) for m in visible_models(request.scope, await state.router.models())]
     return JSONResponse({"object": "list", "data": data})
 
 
