@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,6 +50,7 @@ class Faults:
     cut_after: int | None = None  # close the connection after this many body bytes (first GET of a blob)
     corrupt: bool = False  # flip a byte in every blob body
     ignore_range: bool = False
+    slow: float = 0.0  # seconds to spread every blob body over (8 KB pieces)
 
 
 @dataclass
@@ -122,6 +124,13 @@ def _handler(state: FakeSources) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
+                return
+            if state.faults.slow:
+                pieces = [body[i:i + 8192] for i in range(0, len(body), 8192)]
+                for piece in pieces:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(state.faults.slow / len(pieces))
                 return
             self.wfile.write(body)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hearth.core.errors import UpstreamError
-from hearth.models.download import InsufficientStorage
+from hearth.models.download import InsufficientStorage, PullCancelled
 from hearth.models.pull import ConsentRequired, DigestMismatch, Puller, PullOptions
 from hearth.models.sources import Endpoints
 from hearth.models.store import ModelStore
@@ -146,3 +149,37 @@ def test_pull_of_present_blob_needs_no_network(tmp_path: Path, src: FakeSources)
     offline, _, _ = puller(tmp_path, src, allow_network=False)
     m = offline.pull(src.url + "/files/x.gguf", name="again", sha256=src.sha256)
     assert m.name == "again:latest"
+
+
+def test_two_pulls_of_the_same_file_download_it_once(tmp_path: Path, src: FakeSources) -> None:
+    """A second pull of a file being downloaded waits, then finds it in place (no interleaved writes)."""
+    src.faults.slow = 0.6
+    (a, store, events_a), (b, _, events_b) = puller(tmp_path, src), puller(tmp_path, src)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(a.pull, "hf.co/owner/repo:Q4_K_M")
+        time.sleep(0.15)  # the first is downloading
+        second = pool.submit(b.pull, "hf.co/owner/repo:Q4_K_M")
+        ma, mb = first.result(30), second.result(30)
+    assert ma.sha256 == mb.sha256 == src.sha256
+    assert store.blob_path(src.sha256).read_bytes() == src.data
+    blob_gets = [r for r in src.requests if r[1] == "/owner/repo/resolve/main/tiny-Q4_K_M.gguf"]
+    assert len(blob_gets) == 1
+    assert "waiting for another pull of the same file" in [e["status"] for e in events_b]
+    assert list(store.partials.iterdir()) == []  # no partial or lock file left behind
+
+
+def test_a_pull_waiting_for_another_can_be_cancelled(tmp_path: Path, src: FakeSources) -> None:
+    src.faults.slow = 0.8
+    a, store, _ = puller(tmp_path, src)
+    stop = threading.Event()
+    b, _, events_b = puller(tmp_path, src, cancel=stop)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(a.pull, "hf.co/owner/repo:Q4_K_M")
+        time.sleep(0.15)
+        second = pool.submit(b.pull, "hf.co/owner/repo:Q4_K_M")
+        time.sleep(0.2)
+        stop.set()
+        with pytest.raises(PullCancelled, match="waiting for another pull"):
+            second.result(5)
+        assert first.result(30).sha256 == src.sha256  # the first one is undisturbed
+    assert "waiting for another pull of the same file" in [e["status"] for e in events_b]

@@ -7,20 +7,23 @@ Progress events follow Ollama's /api/pull lines: `pulling manifest`,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hearth.core.errors import BadRequest, HearthError, UpstreamError
 from hearth.models import catalog as catalog_mod
 from hearth.models.bundled import sha256_file
-from hearth.models.download import Download, Progress, disk_free, fetch
+from hearth.models.download import Download, Progress, PullCancelled, disk_free, fetch
 from hearth.models.gguf_meta import GGUFError, read_gguf
 from hearth.models.manifest import Manifest, full_name
 from hearth.models.sources import Endpoints, Remote, classify, host_of, resolve_hf, resolve_ollama, resolve_url
@@ -131,13 +134,52 @@ class Puller:
         key = expected or "url-" + hashlib.sha256(remote.url.encode()).hexdigest()[:32]
         partial = self.store.partials / f"sha256-{key}.partial"
         label = f"sha256:{expected}" if expected else remote.url.rsplit("/", 1)[-1]
-        got = fetch(Download(url=remote.url, dest=partial, digest_label=label, size=remote.size,
-                             headers=remote.headers, retries=self.opts.retries, free_space=self.opts.free_space,
-                             progress=self.opts.progress, cancel=self.opts.cancel))
-        self.emit("verifying sha256 digest")
-        self._verify(partial, got, expected, remote.source)
-        self.store.adopt(partial, got)
+        with self._exclusive(partial):
+            if expected and self.store.blob_path(expected).is_file():  # another pull just finished it
+                return self._finish(name, expected, remote.source, p.roles)
+            got = fetch(Download(url=remote.url, dest=partial, digest_label=label, size=remote.size,
+                                 headers=remote.headers, retries=self.opts.retries, free_space=self.opts.free_space,
+                                 progress=self.opts.progress, cancel=self.opts.cancel))
+            self.emit("verifying sha256 digest")
+            self._verify(partial, got, expected, remote.source)
+            self.store.adopt(partial, got)
         return self._finish(name, got, remote.source, p.roles)
+
+    @contextlib.contextmanager
+    def _exclusive(self, partial: Path) -> Iterator[None]:
+        """One download into `partial` at a time, across processes: a second pull waits.
+
+        The lock is a file next to the partial, removed by its holder on the way
+        out; a waiter that wakes up holding a removed file locks the new one.
+        """
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        path = Path(f"{partial}.lock")
+        waited = False
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if not waited:
+                    self.emit("waiting for another pull of the same file")
+                    waited = True
+                if self.opts.cancel is not None and self.opts.cancel.is_set():
+                    raise PullCancelled("the pull was cancelled while waiting for another pull of the same file")
+                time.sleep(0.1)
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed it before we got the lock: take the new one
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
 
     def _verify(self, partial: Path, got: str, expected: str | None, source: str) -> None:
         if expected and got != expected:
