@@ -4,7 +4,7 @@ One run: a fake OpenAI server on loopback (raw asyncio, answers instantly) is
 called directly, through `hearth serve` (upstream kind openai) and through
 LiteLLM's proxy. For non-streamed and streamed chat requests it reports the
 latency each proxy adds (p50/p99 of sequential requests, minus the direct
-call) and the request rate at concurrency 32 (with the error count).
+call; the targets take turns in ten slices so drift hits them alike) and the request rate at concurrency 32 (with the error count).
 
     python bench/proxy_overhead.py [--litellm /path/to/litellm] [--requests 1000] [--seconds 5]
 
@@ -203,18 +203,30 @@ async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> bool:
         return resp.status == 200 and (b"[DONE]" in data if stream else b'"choices"' in data)
 
 
-async def sequential(url: str, stream: bool, n: int) -> list[float]:
-    """Latencies (ms) of n sequential requests on one keep-alive connection."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), headers=HEADERS) as s:
-        for _ in range(max(20, n // 10)):
-            await one(s, url, stream)
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            if not await one(s, url, stream):
-                raise RuntimeError(f"{url}: a request failed")
-            out.append((time.perf_counter() - t0) * 1000)
-        return out
+async def sequential(targets: dict[str, str], stream: bool, n: int, rounds: int = 10) -> dict[str, list[float]]:
+    """Latencies (ms) of n sequential requests per target, each on one keep-alive connection.
+
+    The targets take turns in `rounds` slices of n/rounds requests, so that the
+    machine's drift during the run hits the direct baseline and every proxy alike.
+    """
+    sessions = {name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), headers=HEADERS)
+                for name in targets}
+    out: dict[str, list[float]] = {name: [] for name in targets}
+    try:
+        for name, url in targets.items():
+            for _ in range(max(20, n // 10)):  # warm up
+                await one(sessions[name], url, stream)
+        for _ in range(rounds):
+            for name, url in targets.items():
+                for _ in range(max(1, n // rounds)):
+                    t0 = time.perf_counter()
+                    if not await one(sessions[name], url, stream):
+                        raise RuntimeError(f"{url}: a request failed")
+                    out[name].append((time.perf_counter() - t0) * 1000)
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return out
 
 
 async def rate(url: str, stream: bool, seconds: float, concurrency: int = 32) -> tuple[float, int]:
@@ -259,12 +271,11 @@ async def measure(targets: dict[str, str], n: int, seconds: float) -> list[Row]:
     rows = []
     for stream in (False, True):
         mode = "stream" if stream else "json"
-        base = await sequential(targets["direct"], stream, n)
-        b50, b99 = pct(base, 0.5), pct(base, 0.99)
+        lat = await sequential(targets, stream, n)
+        b50, b99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
         for name, url in targets.items():
-            lat = base if name == "direct" else await sequential(url, stream, n)
             rps, errors = await rate(url, stream, seconds)
-            p50, p99 = pct(lat, 0.5), pct(lat, 0.99)
+            p50, p99 = pct(lat[name], 0.5), pct(lat[name], 0.99)
             rows.append(Row(name, mode, p50, p99, p50 - b50, p99 - b99, rps, errors))
     return rows
 
