@@ -109,9 +109,9 @@ class Stream(Response):
 
 async def read_json(request: Request, limit: int) -> Any:
     """Read and parse a JSON body no larger than `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} (setting max_body_bytes)")
+    for name, value in request.scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"request body is {int(value)} bytes; the limit is {limit} (setting max_body_bytes)")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

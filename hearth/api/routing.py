@@ -25,8 +25,12 @@ from starlette.types import Receive, Scope, Send
 class DirectRoute(Route):
     """A Route whose async endpoint is awaited directly (see the module docstring)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.is_async = inspect.iscoroutinefunction(self.endpoint)
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (self.methods and scope["method"] not in self.methods) or not inspect.iscoroutinefunction(self.endpoint):
+        if (self.methods and scope["method"] not in self.methods) or not self.is_async:
             await super().handle(scope, receive, send)  # 405, or a sync endpoint (thread pool)
             return
         response = await self.endpoint(Request(scope, receive, send))
