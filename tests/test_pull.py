@@ -154,7 +154,7 @@ def test_pull_of_present_blob_needs_no_network(tmp_path: Path, src: FakeSources)
 def test_two_pulls_of_the_same_file_download_it_once(tmp_path: Path, src: FakeSources) -> None:
     """A second pull of a file being downloaded waits, then finds it in place (no interleaved writes)."""
     src.faults.slow = 0.6
-    (a, store, events_a), (b, _, events_b) = puller(tmp_path, src), puller(tmp_path, src)
+    (a, store, _), (b, _, events_b) = puller(tmp_path, src), puller(tmp_path, src)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(a.pull, "hf.co/owner/repo:Q4_K_M")
         time.sleep(0.15)  # the first is downloading

@@ -8,7 +8,6 @@ Progress events follow Ollama's /api/pull lines: `pulling manifest`,
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import os
@@ -29,6 +28,7 @@ from hearth.models.manifest import Manifest, full_name
 from hearth.models.sources import Endpoints, Remote, classify, host_of, resolve_hf, resolve_ollama, resolve_url
 from hearth.models.store import ModelStore
 from hearth.settings import Settings
+from hearth.store.locks import try_lock
 
 
 class ConsentRequired(HearthError):
@@ -156,11 +156,8 @@ class Puller:
         path = Path(f"{partial}.lock")
         waited = False
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = try_lock(path)
+            if fd is None:
                 if not waited:
                     self.emit("waiting for another pull of the same file")
                     waited = True

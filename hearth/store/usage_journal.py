@@ -20,7 +20,6 @@ before it looked have been folded (one interval or so).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
@@ -31,6 +30,7 @@ from pathlib import Path
 import orjson
 
 from hearth.store.db import connect
+from hearth.store.locks import try_lock
 from hearth.store.usage import INSERT_SQL, UsageRow, row_values
 
 log = logging.getLogger("hearth.store")
@@ -103,13 +103,7 @@ def fold_sealed(conn: sqlite3.Connection, journal: Path) -> int:
 
 def _try_lock(journal: Path) -> int | None:
     """The fd of the journal's lock, held; None if another process holds it."""
-    fd = os.open(journal.with_name(journal.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(journal.with_name(journal.name + ".lock"))
 
 
 def _pending(journal: Path) -> bool:
