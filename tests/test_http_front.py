@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,25 +42,25 @@ class Recorder(asyncio.Transport):
         return 0
 
 
-def run(body: object) -> None:
-    asyncio.run(body)  # type: ignore[arg-type]
+def run(test: Callable[[Recorder, CorkedTransport], Awaitable[None]]) -> None:
+    """Run `test` with a recording transport and a CorkedTransport over it (inside a loop)."""
+    async def main() -> None:
+        rec = Recorder()
+        await test(rec, CorkedTransport(rec))
+    asyncio.run(main())
 
 
 def test_head_and_sized_body_leave_in_one_send() -> None:
-    async def body() -> None:
-        rec = Recorder()
-        t = CorkedTransport(rec)
+    async def body(rec: Recorder, t: CorkedTransport) -> None:
         t.write(HEAD_LEN)
         assert rec.writes == []  # held for the body
         t.write(b"ok")
         assert rec.writes == [HEAD_LEN + b"ok"]
-    run(body())
+    run(body)
 
 
 def test_chunked_pieces_of_one_step_are_joined_and_the_end_flushes() -> None:
-    async def body() -> None:
-        rec = Recorder()
-        t = CorkedTransport(rec)
+    async def body(rec: Recorder, t: CorkedTransport) -> None:
         t.write(HEAD_CHUNKED)
         t.write(b"5\r\nhello\r\n")
         t.write(b"1\r\n!\r\n")
@@ -72,23 +72,19 @@ def test_chunked_pieces_of_one_step_are_joined_and_the_end_flushes() -> None:
         assert rec.writes[1:] == [b"3\r\nbye\r\n0\r\n\r\n"]
         await asyncio.sleep(0)
         assert len(rec.writes) == 2  # the scheduled flush finds nothing left
-    run(body())
+    run(body)
 
 
 def test_a_held_head_goes_out_by_itself_at_the_end_of_the_step() -> None:
-    async def body() -> None:
-        rec = Recorder()
-        t = CorkedTransport(rec)
+    async def body(rec: Recorder, t: CorkedTransport) -> None:
         t.write(HEAD_CHUNKED)  # a stream whose first token is not ready yet
         await asyncio.sleep(0)
         assert rec.writes == [HEAD_CHUNKED]
-    run(body())
+    run(body)
 
 
 def test_close_sends_what_is_held_first_and_nothing_goes_to_a_closed_transport() -> None:
-    async def body() -> None:
-        rec = Recorder()
-        t = CorkedTransport(rec)
+    async def body(rec: Recorder, t: CorkedTransport) -> None:
         t.write(HEAD_CHUNKED)
         t.close()
         assert rec.writes == [HEAD_CHUNKED] and rec.closed
@@ -99,7 +95,7 @@ def test_close_sends_what_is_held_first_and_nothing_goes_to_a_closed_transport()
         await asyncio.sleep(0)
         assert rec2.writes == []
         assert t2.get_write_buffer_size() == 0
-    run(body())
+    run(body)
 
 
 async def _ok(request: object) -> PlainTextResponse:
