@@ -35,6 +35,7 @@ from hearth.engines.upstream.managed import ManagedServer
 from hearth.engines.upstream.ollama import OllamaWire
 from hearth.engines.upstream.openai import OpenAIWire
 from hearth.engines.upstream.replicas import Replica, ReplicaPool, describe
+from hearth.engines.upstream.watchdog import Watchdog
 from hearth.settings import UpstreamEntry, UpstreamModel
 
 log = logging.getLogger("hearth.upstream")
@@ -200,7 +201,7 @@ class UpstreamEngine:
                 errors.append(f"{replica.url}: {describe(exc)}")
         raise UpstreamError("; ".join(errors))
 
-    async def _open(self, path: str, body: bytes) -> tuple[Replica, Response]:
+    async def _open(self, path: str, body: bytes, dog: Watchdog) -> tuple[Replica, Response]:
         """POST to the least busy replica; fail over while nothing has been received."""
         tried: set[Replica] = set()
         errors: list[str] = []
@@ -209,8 +210,8 @@ class UpstreamEngine:
             self.pool.acquire(replica)
             try:
                 base = await self._base_url(replica)
-                async with asyncio.timeout(self.cfg.timeouts.first_token):
-                    resp = await self.http.request("POST", base + path, body, self._headers)
+                resp = await dog.within(dog.now() + self.cfg.timeouts.first_token,
+                                        self.http.request("POST", base + path, body, self._headers))
             except RETRYABLE as exc:
                 self.pool.release(replica)
                 reason = "no answer within timeouts.first_token" if isinstance(exc, TimeoutError) else describe(exc)
@@ -262,10 +263,15 @@ class UpstreamEngine:
         """Send the request; returns once the upstream has started answering."""
         name = self._upstream_model(model)
         path, body = self.wire.generate_body(name, self._without_dropped(req), self._dropper(name))
-        replica, resp = await self._open(path, body)
+        dog = Watchdog()
+        try:
+            replica, resp = await self._open(path, body, dog)
+        except BaseException:
+            dog.close()
+            raise
         if self.managed is not None:
             self.managed.busy += 1
-        return UpstreamGeneration(self, replica, resp, req, name)
+        return UpstreamGeneration(self, replica, resp, req, name, dog)
 
     def _without_dropped(self, req: GenerateRequest) -> GenerateRequest:
         if not self._drop:
@@ -280,16 +286,19 @@ class UpstreamEngine:
         """Embed through the upstream; vectors are L2-normalised."""
         t0 = time.perf_counter_ns()
         path, body = self.wire.embed_body(self._upstream_model(model), req)
-        replica, resp = await self._open(path, body)
+        dog = Watchdog()
         try:
-            async with asyncio.timeout(self.cfg.timeouts.idle):
-                data = orjson.loads(await resp.read())
-            vectors, tokens = self.wire.embed_result(data)
-        except (UpstreamError, orjson.JSONDecodeError, *RETRYABLE) as exc:
-            raise UpstreamError(f"upstream {self.name!r} sent a broken embeddings answer: {describe(exc)}") from None
+            replica, resp = await self._open(path, body, dog)
+            try:
+                data = orjson.loads(await dog.within(dog.now() + self.cfg.timeouts.idle, resp.read()))
+                vectors, tokens = self.wire.embed_result(data)
+            except (UpstreamError, orjson.JSONDecodeError, *RETRYABLE) as exc:
+                raise UpstreamError(f"upstream {self.name!r} sent a broken embeddings answer: {describe(exc)}") from None
+            finally:
+                resp.release()
+                self.pool.release(replica)
         finally:
-            resp.release()
-            self.pool.release(replica)
+            dog.close()
         self.pool.succeeded(replica)
         if vectors and model.embedding_dimension is None:
             model.embedding_dimension = len(vectors[0])
@@ -360,8 +369,9 @@ class UpstreamGeneration:
     prompt_tokens = 0  # known only at the end; the final chunk's usage carries it
 
     def __init__(self, engine: UpstreamEngine, replica: Replica, resp: Response,
-                 req: GenerateRequest, model: str) -> None:
+                 req: GenerateRequest, model: str, dog: Watchdog) -> None:
         self.engine = engine
+        self.dog = dog
         self.replica = replica
         self.resp = resp
         self.req = req
@@ -398,15 +408,14 @@ class UpstreamGeneration:
         Reads whatever bytes have arrived (one timeout per read, not per line:
         an instant upstream's whole answer is usually one read).
         """
-        eng, parser, resp = self.engine, self.parser, self.resp
+        eng, parser, resp, dog = self.engine, self.parser, self.resp, self.dog
         t = eng.cfg.timeouts
-        deadline = time.monotonic() + t.first_token
+        deadline = dog.now() + t.first_token
         started = False
         rest = b""
         while True:
             try:
-                async with asyncio.timeout(t.idle if started else max(0.0, deadline - time.monotonic())):
-                    data = await resp.readany()
+                data = await dog.within(dog.now() + t.idle if started else deadline, resp.readany())
             except TimeoutError:
                 what = f"sent nothing for {t.idle:g}s (timeouts.idle)" if started else \
                     f"sent no token within {t.first_token:g}s (timeouts.first_token)"
@@ -424,21 +433,13 @@ class UpstreamGeneration:
             rest = lines.pop()
             # Pieces that arrived together go out together: one chunk per read,
             # not per upstream event (fewer writes; same text).
-            texts = []
-            for line in lines:
-                if not line or line == b"\r":  # event separators carry nothing
-                    continue
-                try:
-                    text = parser.feed(line)
-                except UpstreamError as exc:
-                    raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
-                if text:
-                    texts.append(text)
-                if parser.done:
-                    break
-            if texts:
+            try:
+                text = parser.feed(lines)
+            except UpstreamError as exc:
+                raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
+            if text:
                 started = True
-                yield "".join(texts)
+                yield text
             if parser.done:
                 return
 
@@ -467,6 +468,7 @@ class UpstreamGeneration:
         if not self._open:
             return
         self._open = False
+        self.dog.close()
         if self.parser.done or self.parser.finish:
             self.resp.release()
         else:

@@ -128,17 +128,15 @@ class OllamaWire:
 class NDJSONParser(StreamParser):
     """Turns the JSON lines of one Ollama stream into text, done reason and usage."""
 
-    def feed(self, line: bytes) -> str:
-        """Parse one line; returns the text it carries ("" for none)."""
-        line = line.strip()
-        if not line:
-            return ""
-        event = self.load(line)
+    def payload(self, line: bytes) -> bytes | None:
+        """The line itself (each line is one JSON event); None for blank lines."""
+        return line.strip() or None
+
+    def event(self, event: dict[str, Any]) -> str:
+        """One line of the stream; returns its text."""
         if "error" in event:
             raise UpstreamError(f"reported an error mid-stream: {event['error']}")
         text = ((event.get("message") or {}).get("content") if self.chat else event.get("response")) or ""
-        if text:
-            self.pieces += 1
         if event.get("done"):
             self.done = True
             self.finish = DONE.get(event.get("done_reason") or "stop", "stop")

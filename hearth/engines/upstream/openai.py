@@ -131,15 +131,18 @@ class OpenAIWire:
 class SSEParser(StreamParser):
     """Turns `data: {...}` lines of one stream into text, finish reason and usage."""
 
-    def feed(self, line: bytes) -> str:
-        """Parse one line; returns the text it carries ("" for none)."""
+    def payload(self, line: bytes) -> bytes | None:
+        """The JSON after `data:`; None for separators, comments, `event:` lines and `[DONE]`."""
         if not line.startswith(b"data:"):
-            return ""  # blank separators, comments, `event:` lines
+            return None
         payload = line[5:].strip()
         if payload == b"[DONE]":
             self.done = True
-            return ""
-        event = self.load(payload)
+            return None
+        return payload
+
+    def event(self, event: dict[str, Any]) -> str:
+        """One chunk of the stream; returns its text."""
         if "error" in event and not event.get("choices"):
             err = event["error"]
             raise UpstreamError(f"reported an error mid-stream: {err.get('message', err) if isinstance(err, dict) else err}")
@@ -151,10 +154,7 @@ class SSEParser(StreamParser):
         choice = choices[0]
         if choice.get("finish_reason"):
             self.finish = FINISH.get(choice["finish_reason"], "stop")
-        text = ((choice.get("delta") or {}).get("content") if self.chat else choice.get("text")) or ""
-        if text:
-            self.pieces += 1
-        return text
+        return ((choice.get("delta") or {}).get("content") if self.chat else choice.get("text")) or ""
 
 
 def usage_of(u: dict[str, Any]) -> Usage:

@@ -11,7 +11,11 @@ from hearth.core.types import Usage
 
 
 class StreamParser:
-    """Text, finish reason and usage of one upstream stream; subclasses parse lines."""
+    """Text, finish reason and usage of one upstream stream.
+
+    Subclasses say which part of a line is a JSON event (`payload`) and what an
+    event means (`event`); `feed` parses all lines of one read in one go.
+    """
 
     def __init__(self, chat: bool) -> None:
         self.chat = chat
@@ -20,14 +24,53 @@ class StreamParser:
         self.usage: Usage | None = None
         self.pieces = 0
 
-    @staticmethod
-    def load(payload: bytes) -> Any:
-        """One JSON event, or an UpstreamError naming the bad line."""
+    def payload(self, line: bytes) -> bytes | None:
+        """The JSON of one line; None for lines without one (may set `done`)."""
+        raise NotImplementedError
+
+    def event(self, event: dict[str, Any]) -> str:
+        """Take in one event; returns the text it carries ("" for none)."""
+        raise NotImplementedError
+
+    def feed(self, lines: list[bytes]) -> str:
+        """The text of complete lines (those of one read), up to the end of the stream."""
+        payloads = []
+        for line in lines:
+            if not line or line == b"\r":  # event separators carry nothing
+                continue
+            payload = self.payload(line)
+            if payload:
+                payloads.append(payload)
+            if self.done:
+                break
+        if not payloads:
+            return ""
         try:
-            return orjson.loads(payload)
+            events = list(map(orjson.loads, payloads))  # no Python call per line: this is per request
         except orjson.JSONDecodeError:
-            raise UpstreamError(f"sent a stream line that is not JSON: {payload[:120]!r}") from None
+            bad = next(p for p in payloads if not _parses(p))
+            raise UpstreamError(f"sent a stream line that is not JSON: {bad[:120]!r}") from None
+        marked = self.done  # an end marker line (`[DONE]`) came after these events
+        texts = []
+        for event in events:
+            if type(event) is not dict:
+                raise UpstreamError(f"sent a stream event that is not a JSON object: {orjson.dumps(event)[:120]!r}")
+            text = self.event(event)
+            if text:
+                self.pieces += 1
+                texts.append(text)
+            if self.done and not marked:  # this event ended the stream: what follows is not part of it
+                break
+        return "".join(texts)
 
     def final_usage(self) -> Usage:
         """Usage reported by the upstream, or pieces counted when it sent none."""
         return self.usage or Usage(completion_tokens=self.pieces)
+
+
+def _parses(payload: bytes) -> bool:
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return True

@@ -1,0 +1,72 @@
+"""The parsers of upstream streams (SSE from `/v1/*` servers, NDJSON from Ollama), line by line and in bulk."""
+
+from __future__ import annotations
+
+import pytest
+
+from hearth.core.errors import UpstreamError
+from hearth.engines.upstream.ollama import NDJSONParser
+from hearth.engines.upstream.openai import SSEParser
+
+
+def sse(*events: str) -> list[bytes]:
+    return [line.encode() for e in events for line in (f"data: {e}", "")]
+
+
+def test_sse_read_with_text_finish_usage_and_done() -> None:
+    p = SSEParser(chat=True)
+    lines = [b": keep-alive comment", b"event: message"] + sse(
+        '{"choices":[{"delta":{"role":"assistant","content":""}}]}',
+        '{"choices":[{"delta":{"content":"Hel"}}]}',
+        '{"choices":[{"delta":{"content":"lo"},"finish_reason":"length"}]}',
+        '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":3}}}',
+        "[DONE]",
+        '{"choices":[{"delta":{"content":"after the end"}}]}',
+    )
+    assert p.feed(lines) == "Hello"
+    assert p.done and p.finish == "length" and p.pieces == 2
+    u = p.final_usage()
+    assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (5, 2, 3)
+
+
+def test_sse_split_across_reads_and_completions_text() -> None:
+    p = SSEParser(chat=False)
+    assert p.feed(sse('{"choices":[{"text":"a"}]}')) == "a"
+    assert p.feed([b""]) == ""
+    assert p.feed(sse('{"choices":[{"text":"b","finish_reason":"stop"}]}', "[DONE]")) == "b"
+    assert p.done and p.final_usage().completion_tokens == 2  # no usage sent: pieces counted
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    (b"data: {not json", ["not JSON", "{not json"]),
+    (b"data: 5", ["not a JSON object", "5"]),
+    (b'data: ["a"]', ["not a JSON object"]),
+    (b'data: {"error":{"message":"out of memory"}}', ["error mid-stream", "out of memory"]),
+])
+def test_sse_bad_lines_are_named(line: bytes, words: list[str]) -> None:
+    p = SSEParser(chat=True)
+    with pytest.raises(UpstreamError) as info:
+        p.feed(sse('{"choices":[{"delta":{"content":"fine"}}]}') + [line])
+    for w in words:
+        assert w in info.value.message
+
+
+def test_ndjson_stops_at_done_and_reads_timings() -> None:
+    p = NDJSONParser(chat=True)
+    lines = [
+        b'{"message":{"content":"Hi"},"done":false}',
+        b"",
+        (b'{"message":{"content":" there"},"done":true,"done_reason":"length","prompt_eval_count":4,'
+         b'"eval_count":2,"eval_duration":1000}'),
+        b'{"message":{"content":"ignored"},"done":false}',
+    ]
+    assert p.feed(lines) == "Hi there"
+    assert p.done and p.finish == "length"
+    u = p.final_usage()
+    assert (u.prompt_tokens, u.completion_tokens, u.generate_ns) == (4, 2, 1000)
+
+
+def test_ndjson_error_line() -> None:
+    p = NDJSONParser(chat=False)
+    with pytest.raises(UpstreamError, match="model crashed"):
+        p.feed([b'{"response":"x"}', b'{"error":"model crashed"}'])
