@@ -221,9 +221,14 @@ def test_admin_http_key_lifecycle_usage_and_privacy(server: Server) -> None:
     r = httpx.post(server.url + "/admin/keys/app/rotate", headers=h, json={"overlap": "1h"})
     new = r.json()["secret"]
     assert chat(server, secret) and chat(server, new)
-    assert httpx.post(server.url + "/admin/keys/app/revoke", headers=h).status_code == 200
+    r = httpx.post(server.url + "/admin/keys/app/rotate", headers=h)  # no body: no overlap
+    assert r.status_code == 200, r.text
+    newest = r.json()["secret"]
     with pytest.raises(openai.AuthenticationError):
         chat(server, new)
+    assert httpx.post(server.url + "/admin/keys/app/revoke", headers=h).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        chat(server, newest)
     assert httpx.post(server.url + "/admin/keys/nope/revoke", headers=h).status_code == 404
     usage = httpx.get(server.url + "/admin/usage", params={"by": "key", "since": "1h"}, headers=h).json()
     row = next(r for r in usage["rows"] if r["key"] == "app")

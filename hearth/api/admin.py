@@ -67,8 +67,7 @@ async def create_key(request: Request) -> Response:
 
 async def rotate_key(request: Request) -> Response:
     sec = _security(request)
-    raw = await request.body()
-    body = await read_json(request, sec.settings.max_body_bytes) if raw.strip() else {}
+    body = await read_json(request, sec.settings.max_body_bytes, allow_empty=True)
     overlap = body.get("overlap", 0) if isinstance(body, dict) else 0
     try:
         seconds = float(overlap) if isinstance(overlap, (int, float)) else parse_duration(str(overlap))

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -107,20 +107,29 @@ class Stream(Response):
                 await aclose()
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """Read and parse a JSON body no larger than `limit` bytes."""
+async def read_json(request: Request, limit: int, allow_empty: bool = False) -> Any:
+    """Read and parse a JSON body no larger than `limit` bytes (an empty one is {} if `allow_empty`)."""
     for name, value in request.scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise PayloadTooLarge(f"request body is {int(value)} bytes; the limit is {limit} (setting max_body_bytes)")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    receive = request.receive  # straight from ASGI: Request.stream() is an async generator per request
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (setting max_body_bytes)")
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     raw = b"".join(chunks)
     if not raw.strip():
+        if allow_empty:
+            return {}
         raise BadRequest("request body is empty; send a JSON object")
     try:
         return orjson.loads(raw)

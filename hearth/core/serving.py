@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
+import random
 from dataclasses import dataclass
 
 from collections.abc import AsyncIterator
@@ -16,8 +16,8 @@ from hearth.core.types import Chunk, EmbedRequest, EmbedResult, GenerateRequest,
 
 
 def new_id(prefix: str) -> str:
-    """A request id like `chatcmpl-3f2a...`."""
-    return f"{prefix}-{os.urandom(12).hex()}"
+    """A request id like `chatcmpl-3f2a...` (an identifier, not a secret: no system call for it)."""
+    return f"{prefix}-{random.getrandbits(96):024x}"
 
 
 def check_request(req: GenerateRequest, grammar: bool = True) -> None:
