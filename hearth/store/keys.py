@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from hearth.store.db import Database, now
+
+log = logging.getLogger("hearth.keys")
 
 ROLES = ("admin", "user", "service")
 SECRET_PREFIX = "hk-"
@@ -109,6 +112,12 @@ class KeyStore:
         self._seen: object = None  # stamp version the caches below belong to
         self._any: bool | None = None
         self._verified: dict[str, tuple[Key, float | None]] = {}  # secret hash -> key, secret expiry
+        if self.stamp is not None and not self.stamp.exists():
+            # A missing stamp costs a raised FileNotFoundError on every request's check.
+            try:
+                self._changed()
+            except OSError as exc:  # a read-only directory: version() copes with no stamp
+                log.debug("cannot create the keys stamp %s: %s", self.stamp, exc)
 
     def version(self) -> tuple[int, int, int] | None:
         """Differs after every change to the keys by any process; None when there is no stamp to go by."""

@@ -37,7 +37,7 @@ class Watchdog:
     async def within(self, deadline: float, awaitable: Awaitable[T]) -> T:
         """Await `awaitable`; TimeoutError if it is still pending at `deadline`."""
         self._deadline = deadline
-        self._task = task = asyncio.current_task()
+        self._task = task = asyncio.current_task(self._loop)  # with the loop: no lookup of it
         if self._handle is None or deadline < self._at:
             if self._handle is not None:
                 self._handle.cancel()
