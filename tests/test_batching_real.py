@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Server
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.conftest import Server, share_models, start_server, stop_server
 
 pytestmark = pytest.mark.model
 MODEL = "gemma3-270m:latest"
@@ -117,3 +121,42 @@ def test_prefix_reuse_reports_cached_tokens(real_server: Server) -> None:
     assert cached >= first.usage.prompt_tokens - 64  # type: ignore[union-attr]
     assert cached >= 128
     assert cached < second.usage.prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def fast_server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
+    """The real model with `deterministic = false` (llama.cpp's fastest kernels, no batch invariance)."""
+    home = tmp_path_factory.mktemp("fast-home")
+    share_models(home, models_cache)
+    server = start_server(home, env={"HEARTH_SLOTS": "2", "HEARTH_DETERMINISTIC": "false"})
+    yield server
+    stop_server(server)
+
+
+def short_during_long(server: Server) -> tuple[float, float]:
+    """First-token times of a ~1,500-token prompt and of a short request sent 0.3 s after it."""
+    async def run() -> tuple[float, float]:
+        client = openai.AsyncOpenAI(base_url=server.v1, api_key="x", max_retries=0)
+        fresh = os.urandom(4).hex()  # first in the prompt: nothing of it is in any slot's cache
+        items = " ".join(f"item{k % 97}" for k in range(750))  # ~2 tokens each
+        long_body = dict(model=MODEL, messages=[{"role": "user", "content": f"{fresh}: sort this list: {items}"}],
+                         max_tokens=2, temperature=0, logit_bias=NO_EOS)
+        short_body = dict(model=MODEL, messages=[{"role": "user", "content": f"Say hi {fresh}."}],
+                          max_tokens=2, temperature=0, logit_bias=NO_EOS)
+        t0 = time.perf_counter()
+        long_task = asyncio.ensure_future(stream_text(client, long_body))
+        await asyncio.sleep(0.3)
+        short = await stream_text(client, short_body)
+        long = await long_task
+        return long[1] - t0, short[1] - t0
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "fast"])
+def test_short_request_is_not_stuck_behind_a_long_prompt(mode: str, request: pytest.FixtureRequest) -> None:
+    """Long prompts are read in steps: a short request that arrives meanwhile gets in after a step or two."""
+    server = request.getfixturevalue("real_server" if mode == "deterministic" else "fast_server")
+    long_first, short_first = short_during_long(server)
+    # Read whole, the long prompt would hold the short one for most of its reading time.
+    assert short_first < 0.5 * long_first, \
+        f"short request's first token at {short_first:.2f}s, long prompt's at {long_first:.2f}s"

@@ -23,6 +23,8 @@ from typing import Any
 from hearth.engines.llamacpp.ipc import BlockingChannel, pack
 from hearth.engines.llamacpp.textout import TextOut
 
+LONE_PROMPT_STEP = 256  # prompt tokens per decode in fast mode when nothing is generating
+
 
 @dataclass
 class Seq:
@@ -234,9 +236,11 @@ class Worker:
         m = self.m
         m.batch_clear()
         generating = self.add_generating()
-        budget = m.batch_cap - len(generating)
-        if generating:
-            budget = min(budget, self.prefill_chunk)
+        # With nothing generating a prompt still goes in steps of LONE_PROMPT_STEP
+        # tokens: a request arriving meanwhile waits one such step, not the whole
+        # prompt (seconds for a long one); steps this size cost no throughput.
+        budget = min(m.batch_cap - len(generating), self.prefill_chunk if generating
+                     else max(self.prefill_chunk, LONE_PROMPT_STEP))
         for slot in self.prefilling():
             budget -= self.add_prompt(slot, budget)
             if budget <= 0:
