@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-
-from collections.abc import Iterator
-from pathlib import Path
 
 from tests.conftest import Server, share_models, start_server, stop_server
 
