@@ -92,14 +92,20 @@ def share_models(home: Path, cache: Path) -> None:
         link.symlink_to(cache, target_is_directory=True)
 
 
+def model_server(tmp_path_factory: pytest.TempPathFactory, cache: Path, name: str,
+                 env: dict[str, str]) -> Iterator[Server]:
+    """For fixtures: `hearth serve` on the real bundled model with `env`, in a fresh home."""
+    home = tmp_path_factory.mktemp(name)
+    share_models(home, cache)
+    server = start_server(home, env=env)
+    yield server
+    stop_server(server)
+
+
 @pytest.fixture(scope="session")
 def real_server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
     """`hearth serve` on the real bundled model (session-wide)."""
-    home = tmp_path_factory.mktemp("real-home")
-    share_models(home, models_cache)
-    server = start_server(home, env={"HEARTH_SLOTS": "8"})
-    yield server
-    stop_server(server)
+    yield from model_server(tmp_path_factory, models_cache, "real-home", {"HEARTH_SLOTS": "8"})
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Server, share_models, start_server, stop_server
+from tests.conftest import Server, model_server
 
 pytestmark = pytest.mark.model
 MODEL = "gemma3-270m:latest"
@@ -125,11 +125,8 @@ def test_prefix_reuse_reports_cached_tokens(real_server: Server) -> None:
 @pytest.fixture(scope="module")
 def fast_server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
     """The real model with `deterministic = false` (llama.cpp's fastest kernels, no batch invariance)."""
-    home = tmp_path_factory.mktemp("fast-home")
-    share_models(home, models_cache)
-    server = start_server(home, env={"HEARTH_SLOTS": "2", "HEARTH_DETERMINISTIC": "false"})
-    yield server
-    stop_server(server)
+    yield from model_server(tmp_path_factory, models_cache, "fast-home",
+                            {"HEARTH_SLOTS": "2", "HEARTH_DETERMINISTIC": "false"})
 
 
 def short_during_long(server: Server) -> tuple[float, float]:

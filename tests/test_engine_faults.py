@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Server, share_models, start_server, stop_server
+from tests.conftest import Server, model_server
 
 pytestmark = pytest.mark.model
 MODEL = "gemma3-270m:latest"
@@ -22,11 +22,8 @@ MODEL = "gemma3-270m:latest"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("faults-home")
-    share_models(home, models_cache)
-    s = start_server(home, env={"HEARTH_SLOTS": "2", "HEARTH_MAX_QUEUE": "1"})
-    yield s
-    stop_server(s)
+    yield from model_server(tmp_path_factory, models_cache, "faults-home",
+                            {"HEARTH_SLOTS": "2", "HEARTH_MAX_QUEUE": "1"})
 
 
 def worker_pids(server: Server) -> list[int]:
