@@ -4,7 +4,9 @@
 thread. Modes: ok, error500, die (breaks the stream after two pieces),
 stall (never answers), stall_mid (one piece, then silence until the client
 hangs up, counted in `cut`), badjson (structured
-output that fails the schema). `delay` slows every answer; `requests` counts
+output that fails the schema), tools (a request with `tools` gets the calls
+in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
+`bad_args` the arguments are not a JSON object). `delay` slows every answer; `requests` counts
 generation calls; `bodies` keeps the JSON bodies received.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 PIECES = ["Hello", " from", " upstream"]
+CALLS = [("get_weather", {"city": "Tokyo", "unit": "c"}), ("get_time", {"zone": "JST"})]
 
 
 class FakeUpstream:
@@ -121,6 +124,10 @@ class FakeUpstream:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream" if self.kind == "openai"
                                            else "application/x-ndjson"})
         await resp.prepare(request)
+        if self.mode in ("tools", "bad_args") and body.get("tools"):
+            for piece in self._tool_pieces():
+                await resp.write(piece)
+            return resp
         pieces = self._text_pieces(body)
         for i, piece in enumerate(pieces):
             if self.mode == "die" and i == 2:
@@ -137,6 +144,30 @@ class FakeUpstream:
         finish = "stop" if (body.get("response_format") or body.get("format")) else "length"
         await resp.write(self._end(chat, len(pieces), finish))
         return resp
+
+    def _tool_pieces(self) -> list[bytes]:
+        """The calls of CALLS: OpenAI deltas (id and name first, arguments in two pieces) or Ollama lines."""
+        calls = [(name, "{city: Tokyo}" if self.mode == "bad_args" else json.dumps(args)) for name, args in CALLS]
+        if self.kind == "ollama":
+            whole = [{"function": {"name": n, "arguments": json.loads(a) if a.startswith('{"') else a}}
+                     for n, a in calls]
+            lines = [{"model": "m", "message": {"role": "assistant", "content": "", "tool_calls": whole},
+                      "done": False},
+                     {"model": "m", "message": {"role": "assistant", "content": ""}, "done": True,
+                      "done_reason": "stop", "prompt_eval_count": 7, "eval_count": 12}]
+            return [(json.dumps(x) + "\n").encode() for x in lines]
+        deltas = []
+        for i, (name, args) in enumerate(calls):
+            half = len(args) // 2
+            deltas += [{"index": i, "id": f"call_{i}x", "type": "function",
+                        "function": {"name": name, "arguments": ""}},
+                       {"index": i, "function": {"arguments": args[:half]}},
+                       {"index": i, "function": {"arguments": args[half:]}}]
+        events = [{"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [d]},
+                                           "finish_reason": None}]} for d in deltas]
+        events.append({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        events.append({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 12}})
+        return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
     def _piece(self, text: str, chat: bool) -> bytes:
         if self.kind == "ollama":

@@ -145,7 +145,6 @@ def test_images_are_refused_with_a_400_when_the_model_cannot_see() -> None:
 
 
 @pytest.mark.parametrize(("body", "words"), [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"think": True}, "thinking"),
     ({"think": "high"}, "thinking"),
     ({"logprobs": True}, "logprobs"),
@@ -159,12 +158,18 @@ def test_think_false_is_fine() -> None:
     assert convert.chat_request(chat(messages=[], think=False)).messages == []
 
 
-def test_tool_calls_in_history_are_refused() -> None:
-    with pytest.raises(BadRequest, match=r"messages\[1\].tool_calls"):
-        convert.chat_request(chat(messages=[
-            {"role": "user", "content": "x"},
-            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
-        ]))
+def test_tools_and_tool_calls_in_history_become_core_types() -> None:
+    req = convert.chat_request(chat(messages=[
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]},
+        {"role": "tool", "content": "42", "tool_name": "f"},
+    ], tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]))
+    assert req.tools == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    (call,) = req.messages[1].tool_calls
+    assert (call.name, call.arguments) == ("f", '{"a":1}') and call.id.startswith("call_")
+    assert (req.messages[2].role, req.messages[2].name) == ("tool", "f")
+    with pytest.raises(BadRequest, match=r"tools\[0\]"):
+        convert.chat_request(chat(messages=[], tools=[{"type": "function", "function": {}}]))
 
 
 # -- generate ----------------------------------------------------------------------

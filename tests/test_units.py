@@ -249,3 +249,33 @@ def test_gguf_reader_on_written_file(tmp_path: Path) -> None:
     assert (info.architecture, info.context_length, info.embedding_length) == ("llama", 2048, 64)
     assert info.quantization == "Q4_K_M" and info.parameter_count == 32
     assert info.array_lengths["tokenizer.ggml.tokens"] == 1000
+
+
+def test_tool_results_are_matched_to_their_calls() -> None:
+    from hearth.core.tools import answered_calls
+    from hearth.core.types import Message, ToolCall
+
+    a, b, c = ToolCall("get_weather", id="A"), ToolCall("get_time", id="B"), ToolCall("get_weather", id="C")
+    msgs = [Message("user", "q"), Message("assistant", "", tool_calls=[a, b, c]),
+            Message("tool", "t", tool_call_id="C"),  # by id
+            Message("tool", "w", name="get_weather"),  # by name: the first open get_weather
+            Message("tool", "x"),  # neither: the call still open
+            Message("tool", "y"),  # nothing open any more
+            Message("assistant", "", tool_calls=[ToolCall("f", id="D")]), Message("tool", "z", name="other")]
+    got = answered_calls(msgs)
+    assert {i: call.id for i, call in got.items()} == {2: "C", 3: "A", 4: "B", 7: "D"}
+
+
+def test_tool_definitions_and_choice_are_checked() -> None:
+    from hearth.core.errors import BadRequest
+    from hearth.core.tools import check_tool_choice, check_tools
+
+    tools = check_tools([{"function": {"name": "a.b-c_1", "parameters": {"type": "object"}}}])
+    assert tools == [{"type": "function", "function": {"name": "a.b-c_1", "parameters": {"type": "object"}}}]
+    assert check_tool_choice({"function": {"name": "a.b-c_1"}}, tools) == {
+        "type": "function", "function": {"name": "a.b-c_1"}}
+    assert check_tool_choice("none", []) == "none" and check_tool_choice(None, []) is None
+    for bad in ([{"type": "function", "function": {"name": "has space"}}],
+                [{"type": "function", "function": {"name": "f", "parameters": "x"}}], ["f"]):
+        with pytest.raises(BadRequest):
+            check_tools(bad)

@@ -70,3 +70,40 @@ def test_ndjson_error_line() -> None:
     p = NDJSONParser(chat=False)
     with pytest.raises(UpstreamError, match="model crashed"):
         p.feed([b'{"response":"x"}', b'{"error":"model crashed"}'])
+
+
+def test_sse_tool_call_pieces_become_whole_calls_in_index_order() -> None:
+    p = SSEParser(chat=True)
+    deltas = [
+        '{"index":1,"id":"call_t","type":"function","function":{"name":"get_time","arguments":""}}',
+        '{"index":0,"id":"call_w","type":"function","function":{"name":"get_weather","arguments":"{\\"ci"}}',
+        '{"index":0,"function":{"arguments":"ty\\": \\"Oslo\\"}"}}',
+        '{"index":1,"function":{"arguments":"{}"}}',
+    ]
+    events = [f'{{"choices":[{{"delta":{{"tool_calls":[{d}]}}}}]}}' for d in deltas]
+    assert p.feed(sse(*events, '{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}', "[DONE]")) == ""
+    assert p.calls_seen and p.finish == "tool_calls"
+    calls = p.tool_calls()
+    assert [(c.id, c.name, c.arguments) for c in calls] == [
+        ("call_w", "get_weather", '{"city": "Oslo"}'), ("call_t", "get_time", "{}")]
+
+
+def test_sse_tool_call_without_id_or_arguments_gets_defaults() -> None:
+    p = SSEParser(chat=True)
+    p.feed(sse('{"choices":[{"delta":{"tool_calls":[{"function":{"name":"ping"}}]}}]}'))
+    (call,) = p.tool_calls()
+    assert call.name == "ping" and call.arguments == "{}" and call.id.startswith("call_")
+    with pytest.raises(UpstreamError, match="tool call delta"):
+        SSEParser(chat=True).feed(sse('{"choices":[{"delta":{"tool_calls":["x"]}}]}'))
+
+
+def test_ndjson_tool_calls_have_text_arguments_and_ids() -> None:
+    p = NDJSONParser(chat=True)
+    p.feed([b'{"message":{"content":"","tool_calls":[{"function":{"name":"get_weather",'
+            b'"arguments":{"city":"Oslo"}}},{"id":"c2","function":{"name":"noop"}}]},"done":false}',
+            b'{"message":{"content":""},"done":true,"done_reason":"stop"}'])
+    calls = p.tool_calls()
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city":"Oslo"}'), ("noop", "{}")]
+    assert calls[0].id.startswith("call_") and calls[1].id == "c2" and p.finish == "stop"
+    with pytest.raises(UpstreamError, match="without a function"):
+        NDJSONParser(chat=True).feed([b'{"message":{"tool_calls":[{"name":"x"}]},"done":false}'])

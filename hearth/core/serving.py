@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 
 from hearth.core import record
 from hearth.core.engine import Engine, Generation
+from hearth.core.errors import BadRequest
 from hearth.core.structured import check_enforceable, check_schema, validate_output
-from hearth.core.types import Chunk, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, Usage
+from hearth.core.types import Chunk, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, ToolCall, Usage
 
 
 def new_id(prefix: str) -> str:
@@ -66,9 +67,21 @@ async def embed(engine: Engine, info: ModelInfo, req: EmbedRequest) -> EmbedResu
     return result
 
 
+def check_tools(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
+    """Tool calling goes only to engines that can do it (upstreams pass it through)."""
+    if req.uses_tools and not getattr(engine, "supports_tools", False):
+        raise BadRequest(
+            f"model {info.id!r} is served by engine {engine.name!r}, which does not support tool calling yet; "
+            "remove `tools` (and tool calls from the history), or use a model on an upstream "
+            "(llama-server, vLLM, Ollama) that supports it",
+            param="tools",
+        )
+
+
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
     check_request(req, grammar=not getattr(engine, "passes_format_through", False))
+    check_tools(engine, info, req)
     record.note_model(info)
     gens: list[Generation] = []
     try:
@@ -94,16 +107,20 @@ class Result:
     text: str
     finish_reason: str
     usage: Usage
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
 
 
 async def collect(gen: Generation, req: GenerateRequest) -> Result:
-    """Run a generation to the end and check structured output."""
+    """Run a generation to the end and check structured output (unless it ended in tool calls)."""
     parts: list[str] = []
+    calls: list[ToolCall] = []
     finish = "stop"
     usage = Usage(prompt_tokens=gen.prompt_tokens)
     try:
         async for chunk in gen:
             parts.append(chunk.text)
+            if chunk.tool_calls:
+                calls.extend(chunk.tool_calls)
             if chunk.finish_reason:
                 finish = chunk.finish_reason
             if chunk.usage:
@@ -111,8 +128,9 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
     finally:
         await gen.aclose()
     text = "".join(parts)
-    validate_output(text, req.response_format, finish)
-    return Result(text=text, finish_reason=finish, usage=usage)
+    if not calls:
+        validate_output(text, req.response_format, finish)
+    return Result(text=text, finish_reason=finish, usage=usage, tool_calls=calls)
 
 
 async def collect_all(gens: list[Generation], req: GenerateRequest) -> list[Result]:

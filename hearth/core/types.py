@@ -10,16 +10,32 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """A function call the model asks for. `arguments` is JSON text, as the OpenAI API carries it."""
+
+    name: str
+    arguments: str = "{}"
+    id: str = ""
 
 
 @dataclass(slots=True)
 class Message:
-    """One chat turn. `images` holds raw image bytes for vision models."""
+    """One chat turn. `images` holds raw image bytes for vision models.
+
+    An assistant turn may carry `tool_calls`; a `tool` turn answers one, named
+    by `tool_call_id` (OpenAI) or by the function `name` (Ollama).
+    """
 
     role: Role
     content: str
     images: list[bytes] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +83,15 @@ class GenerateRequest:
     user: str | None = None
     keep_alive: float | None = None  # seconds; None = default, <0 = forever
     request_id: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI-style function tools
+    tool_choice: str | dict[str, Any] | None = None  # "auto", "none", "required" or a named function
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def uses_tools(self) -> bool:
+        """True when the model may call tools or the history holds tool calls."""
+        return bool(self.tools and self.tool_choice != "none") or any(
+            m.tool_calls for m in self.messages or ())
 
     @property
     def is_chat(self) -> bool:
@@ -94,11 +119,15 @@ class Usage:
 
 @dataclass(slots=True)
 class Chunk:
-    """A piece of a generation. The last chunk has `finish_reason` and `usage`."""
+    """A piece of a generation. The last chunk has `finish_reason` and `usage`.
+
+    `tool_calls` are whole calls (never argument fragments).
+    """
 
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(slots=True)

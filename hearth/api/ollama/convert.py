@@ -19,7 +19,8 @@ from typing import Any
 
 from hearth.api.ollama import schemas as w
 from hearth.api.ollama.template import render_template
-from hearth.core.errors import BadRequest
+from hearth.core import tools
+from hearth.core.errors import BadRequest, UpstreamError
 from hearth.core.types import (
     EmbedRequest,
     EmbedResult,
@@ -29,12 +30,13 @@ from hearth.core.types import (
     ModelInfo,
     ResponseFormat,
     Sampling,
+    ToolCall,
     Usage,
 )
 
 log = logging.getLogger("hearth.ollama")
 
-DONE_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop", "error": "stop"}
 DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 FOREVER_SECONDS = 292 * 365.25 * 86400  # what Ollama shows for "never expires"
@@ -164,24 +166,20 @@ def _reject_unsupported(wire: w.GenerationFields) -> None:
 
 
 def _message(msg: w.ChatMessage, i: int) -> Message:
-    if msg.tool_calls:
-        raise BadRequest(
-            f"messages[{i}].tool_calls: tool calling is not supported by hearth yet; "
-            "send a history without tool calls", param=f"messages[{i}].tool_calls")
     images = decode_images(msg.images, f"messages[{i}].images")
-    return Message(role=msg.role, content=msg.content or "", images=images)
+    return Message(role=msg.role, content=msg.content or "", images=images, tool_calls=tools.calls_of(msg.tool_calls),
+                   name=msg.tool_name)
 
 
 def chat_request(wire: w.ChatRequest) -> GenerateRequest:
     """/api/chat body -> core GenerateRequest (empty `messages` = a load/unload request)."""
     _reject_unsupported(wire)
-    if wire.tools:
-        raise BadRequest("tool calling is not supported by hearth yet; remove `tools`", param="tools")
     req = GenerateRequest(
         model=wire.model,
         messages=[_message(m, i) for i, m in enumerate(wire.messages or [])],
         response_format=response_format(wire.format),
         keep_alive=parse_keep_alive(wire.keep_alive),
+        tools=tools.check_tools(wire.tools),
     )
     return apply_options(req, wire.options)
 
@@ -264,18 +262,33 @@ def timings(usage: Usage, total_ns: int) -> dict[str, int]:
     }
 
 
-def chunk_body(kind: str, model: str, created_at: str, text: str) -> dict[str, Any]:
-    """One streamed piece of /api/chat (`kind="chat"`) or /api/generate output."""
+def tool_call_body(call: ToolCall, index: int) -> dict[str, Any]:
+    """A tool call as Ollama sends it: arguments as an object."""
+    arguments = tools.arguments_object(call)
+    if arguments is None:
+        raise UpstreamError(f"the model called {call.name!r} with arguments that are not a JSON object: "
+                            f"{call.arguments[:120]!r}", code="invalid_tool_call")
+    return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": arguments}}
+
+
+def chunk_body(kind: str, model: str, created_at: str, text: str,
+               calls: list[ToolCall] | tuple[ToolCall, ...] = (), first: int = 0) -> dict[str, Any]:
+    """One streamed piece of /api/chat (`kind="chat"`) or /api/generate output.
+
+    `calls` are tool calls (chat only); `first` is the index of the first of them in the answer.
+    """
     if kind == "chat":
-        return {"model": model, "created_at": created_at, "message": {"role": "assistant", "content": text},
-                "done": False}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [tool_call_body(c, first + k) for k, c in enumerate(calls)]
+        return {"model": model, "created_at": created_at, "message": message, "done": False}
     return {"model": model, "created_at": created_at, "response": text, "done": False}
 
 
 def final_body(kind: str, model: str, created_at: str, text: str, finish: str | None,
-               usage: Usage, total_ns: int) -> dict[str, Any]:
+               usage: Usage, total_ns: int, calls: list[ToolCall] | None = None) -> dict[str, Any]:
     """The last object of a generation (or the only one with stream=false)."""
-    body = chunk_body(kind, model, created_at, text)
+    body = chunk_body(kind, model, created_at, text, calls or ())
     body["done"] = True
     body["done_reason"] = DONE_REASON.get(finish or "stop", "stop")
     body.update(timings(usage, total_ns))

@@ -92,7 +92,7 @@ async def _serve(request: Request, kind: str, wire: w.GenerationFields, req: Gen
     result = await until_disconnect(request, serving.collect(gen, req))
     total = time.perf_counter_ns() - t0
     return JSONResponse(convert.final_body(kind, wire.model, _created_at(), result.text, result.finish_reason,
-                                           result.usage, total))
+                                           result.usage, total, result.tool_calls))
 
 
 async def _load(engine: Engine, info: ModelInfo, kind: str, name: str, keep_alive: float | None,
@@ -111,6 +111,7 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
     """NDJSON lines of one generation, then the final `done: true` object (or an error line)."""
     check = req.response_format.type != "text"
     parts: list[str] = []
+    calls = 0
     finish: str | None = None
     usage = Usage(prompt_tokens=gen.prompt_tokens)
     try:
@@ -119,10 +120,14 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
                 if check:
                     parts.append(chunk.text)
                 yield ndjson(convert.chunk_body(kind, name, _created_at(), chunk.text))
+            if chunk.tool_calls:
+                yield ndjson(convert.chunk_body(kind, name, _created_at(), "", chunk.tool_calls, calls))
+                calls += len(chunk.tool_calls)
             if chunk.finish_reason:
                 finish = chunk.finish_reason
                 usage = chunk.usage or usage
-        validate_output("".join(parts), req.response_format, finish)
+        if not calls:
+            validate_output("".join(parts), req.response_format, finish)
         yield ndjson(convert.final_body(kind, name, _created_at(), "", finish, usage, time.perf_counter_ns() - t0))
     except HearthError as err:
         yield ndjson(convert.error_body(err.message))

@@ -48,6 +48,7 @@ class ToolCallFunction(Wire):
 
 
 class ToolCall(Wire):
+    id: str | None = None
     function: ToolCallFunction
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from hearth.api.openai import schemas as w
+from hearth.core import tools
 from hearth.core.errors import BadRequest, HearthError
 from hearth.core.types import (
     EmbedRequest,
@@ -17,10 +18,11 @@ from hearth.core.types import (
     ModelInfo,
     ResponseFormat,
     Sampling,
+    ToolCall,
     Usage,
 )
 
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "error": "stop"}
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -84,6 +86,12 @@ def _image(part: w.ContentPart, where: str) -> bytes:
 
 def _message(msg: w.ChatMessage, i: int) -> Message:
     role = "system" if msg.role == "developer" else msg.role
+    if msg.tool_calls or msg.tool_call_id:
+        if msg.content is not None and not isinstance(msg.content, str):
+            where = f"messages[{i}].content"
+            raise BadRequest(f"{where}: send the text of a tool call or tool result as a string", param=where)
+        return Message(role=role, content=msg.content or "", tool_calls=tools.calls_of(msg.tool_calls),
+                       tool_call_id=msg.tool_call_id, name=msg.name)
     if msg.content is None or isinstance(msg.content, str):
         return Message(role=role, content=msg.content or "")
     texts: list[str] = []
@@ -109,11 +117,8 @@ def _reject_unsupported(req: w.SamplingFields) -> None:
 def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
     """OpenAI chat request -> core GenerateRequest."""
     _reject_unsupported(req)
-    if req.tools and req.tool_choice != "none":
-        raise BadRequest(
-            "tool calling is not supported by hearth's in-box engine yet; remove `tools`",
-            param="tools",
-        )
+    tool_list = tools.check_tools(req.tools)
+    choice = tools.check_tool_choice(req.tool_choice, tool_list)
     return GenerateRequest(
         model=req.model or "",
         messages=[_message(m, i) for i, m in enumerate(req.messages)],
@@ -122,6 +127,9 @@ def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
         stop=_stop_list(req.stop),
         response_format=_response_format(req.response_format),
         user=req.user,
+        tools=tool_list,
+        tool_choice=choice,
+        parallel_tool_calls=req.parallel_tool_calls,
     )
 
 
@@ -180,11 +188,24 @@ def usage_body(usage: Usage | None) -> dict[str, Any]:
     }
 
 
-def chat_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    """One non-streamed chat choice."""
+def tool_call_body(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """A tool call as OpenAI sends it (`index` only in stream deltas)."""
+    body: dict[str, Any] = {"id": call.id, "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments}}
+    if index is not None:
+        body = {"index": index, **body}
+    return body
+
+
+def chat_choice(index: int, text: str, finish: str | None, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    """One non-streamed chat choice (content is null when the model only called tools, as OpenAI does)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if calls:
+        message["content"] = text or None
+        message["tool_calls"] = [tool_call_body(c) for c in calls]
     return {
         "index": index,
-        "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+        "message": message,
         "logprobs": None,
         "finish_reason": FINISH.get(finish or "stop", "stop"),
     }

@@ -63,7 +63,7 @@ async def chat_completions(request: Request) -> Response:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
         return _stream_response(_chat_stream(rid, name, gens, req, include_usage), gens)
     results = await until_disconnect(request, serving.collect_all(gens, req))
-    choices = [convert.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+    choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls) for i, r in enumerate(results)]
     return JSONResponse(convert.chat_response(rid, name, choices, serving.total_usage(results)))
 
 
@@ -72,6 +72,7 @@ async def _chat_stream(
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     texts = ["" for _ in gens]
+    calls = [0 for _ in gens]  # tool calls sent so far per choice: the index of the next one
     usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
     for i in range(len(gens)):
         yield sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None}, None))
@@ -80,11 +81,16 @@ async def _chat_stream(
         if chunk.text:
             texts[i] += chunk.text
             yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None))
+        if chunk.tool_calls:
+            deltas = [convert.tool_call_body(c, calls[i] + k) for k, c in enumerate(chunk.tool_calls)]
+            calls[i] += len(deltas)
+            yield sse(convert.chat_chunk(rid, created, model, i, {"tool_calls": deltas}, None))
         if chunk.finish_reason:
             if chunk.usage:
                 usages[i] = chunk.usage
             yield sse(convert.chat_chunk(rid, created, model, i, {}, chunk.finish_reason))
-            validate_output(texts[i], req.response_format, chunk.finish_reason)
+            if not calls[i]:
+                validate_output(texts[i], req.response_format, chunk.finish_reason)
     if include_usage:
         results = [serving.Result(t, "stop", u) for t, u in zip(texts, usages)]
         yield sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk", serving.total_usage(results)))

@@ -62,6 +62,7 @@ class UpstreamEngine:
     """Serves the models of one upstream (one or more replica URLs, or a managed child)."""
 
     passes_format_through = True  # the upstream enforces schemas; hearth validates the result
+    supports_tools = True  # tools and tool calls pass through, translated between dialects
 
     def __init__(self, name: str, cfg: UpstreamEntry, api_key: Secret | None = None) -> None:
         self.name = name
@@ -391,11 +392,16 @@ class UpstreamGeneration:
                 texts.append(text)
                 yield Chunk(text=text)
             eng.pool.succeeded(self.replica)
-            self._check_format("".join(texts), parser.finish or "stop")
+            calls = parser.tool_calls()
+            finish = parser.finish or "stop"
+            if calls and finish == "stop":  # Ollama says "stop" after tool calls; OpenAI clients look for this
+                finish = "tool_calls"
+            if not calls:
+                self._check_format("".join(texts), finish)
             usage = parser.final_usage()
             usage.total_ns = usage.total_ns or time.perf_counter_ns() - self._t0
             eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
-            yield Chunk(finish_reason=parser.finish or "stop", usage=usage)  # type: ignore[arg-type]
+            yield Chunk(finish_reason=finish, usage=usage, tool_calls=tuple(calls))  # type: ignore[arg-type]
         except HearthError:
             eng._audit(self.model, 0, parser.pieces, "error")
             raise
@@ -437,8 +443,8 @@ class UpstreamGeneration:
                 text = parser.feed(lines)
             except UpstreamError as exc:
                 raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
+            started = started or bool(text) or parser.calls_seen
             if text:
-                started = True
                 yield text
             if parser.done:
                 return

@@ -12,8 +12,9 @@ from typing import Any
 
 import orjson
 
-from hearth.core.errors import UpstreamError
-from hearth.core.types import EmbedRequest, GenerateRequest, Usage
+from hearth.core import tools
+from hearth.core.errors import BadRequest, UpstreamError
+from hearth.core.types import EmbedRequest, GenerateRequest, Message, ToolCall, Usage
 from hearth.engines.upstream.stream import StreamParser
 from hearth.settings import UpstreamModel
 
@@ -32,6 +33,14 @@ def _format(req: GenerateRequest) -> Any:
     if fmt.type == "json_schema":
         return fmt.schema
     return None
+
+
+def _arguments(call: ToolCall) -> dict[str, Any]:
+    args = tools.arguments_object(call)
+    if args is None:
+        raise BadRequest(f"tool call {call.name!r} in the history has arguments that are not a JSON object; "
+                         "an Ollama upstream needs an object", param="messages")
+    return args
 
 
 def _keep_alive(seconds: float | None) -> Any:
@@ -56,7 +65,14 @@ class OllamaWire:
         body: dict[str, Any] = {"model": model, "stream": True, "options": self._options(req, drop)}
         if req.messages is not None:
             path = "/api/chat"
-            body["messages"] = [self._message(m) for m in req.messages]
+            answered = tools.answered_calls(req.messages)
+            body["messages"] = [self._message(m, answered.get(i)) for i, m in enumerate(req.messages)]
+            if req.tools:
+                body["tools"] = req.tools
+            if req.tool_choice not in (None, "auto"):
+                drop("tool_choice")  # Ollama lets the model decide
+            if req.parallel_tool_calls is not None:
+                drop("parallel_tool_calls")
         else:
             path = "/api/generate"
             body["prompt"] = req.prompt or ""
@@ -70,10 +86,14 @@ class OllamaWire:
         return path, orjson.dumps(body)
 
     @staticmethod
-    def _message(m: Any) -> dict[str, Any]:
+    def _message(m: Message, answers: ToolCall | None) -> dict[str, Any]:
         out: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.images:
             out["images"] = [base64.b64encode(img).decode("ascii") for img in m.images]
+        if m.tool_calls:
+            out["tool_calls"] = [{"function": {"name": c.name, "arguments": _arguments(c)}} for c in m.tool_calls]
+        if m.role == "tool" and (m.name or answers):
+            out["tool_name"] = m.name or answers.name  # type: ignore[union-attr]
         return out
 
     @staticmethod
@@ -126,7 +146,7 @@ class OllamaWire:
 
 
 class NDJSONParser(StreamParser):
-    """Turns the JSON lines of one Ollama stream into text, done reason and usage."""
+    """Turns the JSON lines of one Ollama stream into text, tool calls, done reason and usage."""
 
     def payload(self, line: bytes) -> bytes | None:
         """The line itself (each line is one JSON event); None for blank lines."""
@@ -136,7 +156,18 @@ class NDJSONParser(StreamParser):
         """One line of the stream; returns its text."""
         if "error" in event:
             raise UpstreamError(f"reported an error mid-stream: {event['error']}")
-        text = ((event.get("message") or {}).get("content") if self.chat else event.get("response")) or ""
+        if not self.chat:
+            text = event.get("response") or ""
+        else:
+            message = event.get("message") or {}
+            text = message.get("content") or ""
+            for call in message.get("tool_calls") or ():  # Ollama sends each call whole
+                if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+                    raise UpstreamError(f"sent a tool call without a function: {call!r:.120}")
+                fn = call["function"]
+                self.calls.append(ToolCall(name=fn.get("name") or "", arguments=tools.arguments_text(fn.get("arguments")),
+                                           id=call.get("id") or tools.new_call_id()))
+                self.calls_seen = True
         if event.get("done"):
             self.done = True
             self.finish = DONE.get(event.get("done_reason") or "stop", "stop")

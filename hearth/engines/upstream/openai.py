@@ -12,13 +12,14 @@ from typing import Any
 
 import orjson
 
+from hearth.core import tools
 from hearth.core.errors import UpstreamError
-from hearth.core.types import EmbedRequest, GenerateRequest, Message, Usage
+from hearth.core.types import EmbedRequest, GenerateRequest, Message, ToolCall, Usage
 from hearth.engines.upstream.stream import StreamParser
 from hearth.settings import UpstreamModel
 
 FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "stop",
-          "tool_calls": "stop", "function_call": "stop"}
+          "tool_calls": "tool_calls", "function_call": "stop"}
 # Sampling fields of the OpenAI API itself; the others are llama.cpp/vLLM extras.
 STANDARD = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias"}
 EXTRAS = {"top_k", "min_p", "repeat_penalty"}
@@ -33,6 +34,24 @@ def _content(msg: Message) -> Any:
         url = "data:image/png;base64," + base64.b64encode(img).decode("ascii")
         parts.append({"type": "image_url", "image_url": {"url": url}})
     return parts
+
+
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Chat turns in OpenAI's shape; a tool result names the call it answers by id."""
+    answered = tools.answered_calls(messages)
+    out = []
+    for i, m in enumerate(messages):
+        msg: dict[str, Any] = {"role": m.role, "content": _content(m)}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in m.tool_calls]
+        if m.role == "tool":
+            call = answered.get(i)
+            msg["tool_call_id"] = m.tool_call_id or (call.id if call else "")
+            if m.name or call:
+                msg["name"] = m.name or call.name  # type: ignore[union-attr]
+        out.append(msg)
+    return out
 
 
 def _response_format(req: GenerateRequest) -> dict[str, Any] | None:
@@ -63,7 +82,12 @@ class OpenAIWire:
         body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
         if req.messages is not None:
             path = "/v1/chat/completions"
-            body["messages"] = [{"role": m.role, "content": _content(m)} for m in req.messages]
+            body["messages"] = _messages(req.messages)
+            if req.tools:
+                body["tools"] = req.tools
+            for key in ("tool_choice", "parallel_tool_calls"):
+                if getattr(req, key) is not None:
+                    body[key] = getattr(req, key)
         else:
             path = "/v1/completions"
             body["prompt"] = req.prompt or ""
@@ -129,7 +153,11 @@ class OpenAIWire:
 
 
 class SSEParser(StreamParser):
-    """Turns `data: {...}` lines of one stream into text, finish reason and usage."""
+    """Turns `data: {...}` lines of one stream into text, tool calls, finish reason and usage."""
+
+    def __init__(self, chat: bool) -> None:
+        super().__init__(chat)
+        self._partial: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments so far]
 
     def payload(self, line: bytes) -> bytes | None:
         """The JSON after `data:`; None for separators, comments, `event:` lines and `[DONE]`."""
@@ -154,7 +182,29 @@ class SSEParser(StreamParser):
         choice = choices[0]
         if choice.get("finish_reason"):
             self.finish = FINISH.get(choice["finish_reason"], "stop")
-        return ((choice.get("delta") or {}).get("content") if self.chat else choice.get("text")) or ""
+        if not self.chat:
+            return choice.get("text") or ""
+        delta = choice.get("delta") or {}
+        if delta.get("tool_calls"):
+            self._tool_deltas(delta["tool_calls"])
+        return delta.get("content") or ""
+
+    def _tool_deltas(self, deltas: list[Any]) -> None:
+        """Pieces of tool calls: the first of a call has its id and name, the rest add to its arguments."""
+        for d in deltas:
+            if not isinstance(d, dict):
+                raise UpstreamError(f"sent a tool call delta that is not an object: {d!r:.120}")
+            part = self._partial.setdefault(int(d.get("index", len(self._partial))), ["", "", ""])
+            fn = d.get("function") or {}
+            part[0] = part[0] or d.get("id") or ""
+            part[1] = part[1] or fn.get("name") or ""
+            part[2] += tools.arguments_text(fn.get("arguments")) if fn.get("arguments") is not None else ""
+        self.calls_seen = True
+
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls the stream made, whole, in index order."""
+        return [ToolCall(name=name, arguments=args or "{}", id=cid or tools.new_call_id())
+                for _, (cid, name, args) in sorted(self._partial.items())]
 
 
 def usage_of(u: dict[str, Any]) -> Usage:

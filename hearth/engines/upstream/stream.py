@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from hearth.core.errors import UpstreamError
-from hearth.core.types import Usage
+from hearth.core.types import ToolCall, Usage
 
 
 class StreamParser:
@@ -23,6 +23,8 @@ class StreamParser:
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.pieces = 0
+        self.calls: list[ToolCall] = []
+        self.calls_seen = False  # a tool call has begun (progress, for the idle timeout)
 
     def payload(self, line: bytes) -> bytes | None:
         """The JSON of one line; None for lines without one (may set `done`)."""
@@ -62,6 +64,10 @@ class StreamParser:
             if self.done and not marked:  # this event ended the stream: what follows is not part of it
                 break
         return "".join(texts)
+
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the stream made, whole."""
+        return self.calls
 
     def final_usage(self) -> Usage:
         """Usage reported by the upstream, or pieces counted when it sent none."""
