@@ -230,3 +230,8 @@ def test_tool_call_answers_match_the_published_specs(server: Server) -> None:
     res = httpx.post(server.url + "/api/chat", json={**body, "stream": False}, timeout=30).json()
     assert res["message"]["tool_calls"]
     validate(res, "ChatResponse", "ollama-openapi.yaml")
+
+
+def test_upstream_chat_models_show_the_tools_capability(server: Server) -> None:
+    assert "tools" in olla(server).show("llamita:8b").capabilities
+    assert "tools" not in (olla(server).show("fake:latest").capabilities or [])

@@ -126,7 +126,7 @@ class UpstreamEngine:
     def _set_models(self, models: list[UpstreamModel]) -> None:
         table: dict[str, ModelInfo] = {}
         for m in models:
-            caps = ["embedding"] if m.embedding else ["completion"]
+            caps = ["embedding"] if m.embedding else ["completion", "tools"]  # tools pass through
             info = ModelInfo(
                 id=self._model_id(m.name), engine=self.name, context_length=m.context_length,
                 owned_by=self.name, embedding_dimension=m.dimension, capabilities=caps,
