@@ -89,6 +89,26 @@ def test_started_on_first_use_and_served_through_both_dialects(server: Server) -
     assert "hearth.upstream.ls" in server.log(), "the child's log goes to hearth's log"
 
 
+def test_tools_and_a_tool_history_from_either_dialect_are_accepted(server: Server) -> None:
+    """The translated tool fields are ones a real OpenAI-compatible server takes.
+
+    This base model has no tool template, so it answers in text; the point is
+    that llama-server accepts what hearth sends (a wrong shape is a 400/500).
+    """
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    ask = [{"role": "user", "content": "What is the weather in Tokyo?"}]
+    oa = openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=180)
+    out = oa.chat.completions.create(model=MODEL, messages=ask, tools=tools, max_tokens=6)  # type: ignore[arg-type]
+    assert out.choices[0].message.content or out.choices[0].message.tool_calls
+    history = [*ask, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "11 degrees"}]
+    reply = ollama.Client(host=server.url, timeout=180).chat(model=MODEL, messages=history, tools=tools,
+                                                             options={"num_predict": 6})
+    assert reply.done and (reply.message.content or reply.message.tool_calls)
+
+
 def test_shown_by_api_ps_and_hearth_ps(server: Server) -> None:
     assert MODEL in loaded_names(server)
     out = subprocess.run([sys.executable, "-m", "hearth", "ps", "--url", server.url],
