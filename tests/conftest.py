@@ -102,6 +102,15 @@ def model_server(tmp_path_factory: pytest.TempPathFactory, cache: Path, name: st
     stop_server(server)
 
 
+def config_server(tmp_path_factory: pytest.TempPathFactory, name: str, config: str) -> Iterator[Server]:
+    """For fixtures: `hearth serve --fake` with `config` as its hearth.toml, in a fresh home."""
+    home = tmp_path_factory.mktemp(name)
+    (home / "hearth.toml").write_text(config)
+    server = start_server(home, "--fake", timeout=60)
+    yield server
+    stop_server(server)
+
+
 @pytest.fixture(scope="session")
 def real_server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
     """`hearth serve` on the real bundled model (session-wide)."""

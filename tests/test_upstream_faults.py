@@ -9,13 +9,12 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Server, free_port, start_server, stop_server
+from tests.conftest import Server, config_server, free_port
 from tests.fake_upstream import FakeUpstream
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
@@ -128,11 +127,7 @@ def fakes() -> Iterator[Fakes]:
 
 @pytest.fixture(scope="module")
 def server(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home: Path = tmp_path_factory.mktemp("upstream-home")
-    (home / "hearth.toml").write_text(fakes.config())
-    srv = start_server(home, "--fake", timeout=60)
-    yield srv
-    stop_server(srv)
+    yield from config_server(tmp_path_factory, "upstream-home", fakes.config())
 
 
 def client(server: Server) -> openai.OpenAI:

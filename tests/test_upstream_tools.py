@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ import ollama
 import openai
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, config_server
 from tests.fake_upstream import CALLS, FakeUpstream
 from tests.openai_schema import validate
 
@@ -64,11 +63,7 @@ def fakes() -> Iterator[Fakes]:
 
 @pytest.fixture(scope="module")
 def server(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home: Path = tmp_path_factory.mktemp("tools-home")
-    (home / "hearth.toml").write_text(fakes.config())
-    srv = start_server(home, "--fake", timeout=60)
-    yield srv
-    stop_server(srv)
+    yield from config_server(tmp_path_factory, "tools-home", fakes.config())
 
 
 def oai(server: Server) -> openai.OpenAI:
