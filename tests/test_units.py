@@ -279,3 +279,16 @@ def test_tool_definitions_and_choice_are_checked() -> None:
                 [{"type": "function", "function": {"name": "f", "parameters": "x"}}], ["f"]):
         with pytest.raises(BadRequest):
             check_tools(bad)
+
+
+def test_openai_tool_turns_become_core_messages() -> None:
+    req = convert.chat_request(w.ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "q", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "f", "content": [{"type": "text", "text": "42"}]},
+    ]}))
+    user, asst, tool = req.messages or []
+    assert user.name is None and asst.content == "" and tool.content == "42"
+    assert [(c.id, c.name, c.arguments) for c in asst.tool_calls] == [("c1", "f", '{"a": 1}')]
+    assert (tool.role, tool.tool_call_id, tool.name) == ("tool", "c1", "f")

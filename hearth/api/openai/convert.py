@@ -86,25 +86,25 @@ def _image(part: w.ContentPart, where: str) -> bytes:
 
 def _message(msg: w.ChatMessage, i: int) -> Message:
     role = "system" if msg.role == "developer" else msg.role
-    if msg.tool_calls or msg.tool_call_id:
-        if msg.content is not None and not isinstance(msg.content, str):
-            where = f"messages[{i}].content"
-            raise BadRequest(f"{where}: send the text of a tool call or tool result as a string", param=where)
-        return Message(role=role, content=msg.content or "", tool_calls=tools.calls_of(msg.tool_calls),
-                       tool_call_id=msg.tool_call_id, name=msg.name)
     if msg.content is None or isinstance(msg.content, str):
-        return Message(role=role, content=msg.content or "")
-    texts: list[str] = []
-    images: list[bytes] = []
-    for j, part in enumerate(msg.content):
-        where = f"messages[{i}].content[{j}]"
-        if part.type == "text":
-            texts.append(part.text or "")
-        elif part.type == "image_url":
-            images.append(_image(part, where))
-        else:
-            raise BadRequest(f"{where}: content part type {part.type!r} is not supported; use text", param=where)
-    return Message(role=role, content="\n".join(texts), images=images)
+        out = Message(role=role, content=msg.content or "")
+    else:
+        texts: list[str] = []
+        images: list[bytes] = []
+        for j, part in enumerate(msg.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                texts.append(part.text or "")
+            elif part.type == "image_url":
+                images.append(_image(part, where))
+            else:
+                raise BadRequest(f"{where}: content part type {part.type!r} is not supported; use text", param=where)
+        out = Message(role=role, content="\n".join(texts), images=images)
+    if msg.tool_calls:
+        out.tool_calls = tools.calls_of(msg.tool_calls)
+    if role == "tool":
+        out.tool_call_id, out.name = msg.tool_call_id, msg.name
+    return out
 
 
 def _reject_unsupported(req: w.SamplingFields) -> None:
