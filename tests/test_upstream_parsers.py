@@ -93,8 +93,9 @@ def test_sse_tool_call_without_id_or_arguments_gets_defaults() -> None:
     p.feed(sse('{"choices":[{"delta":{"tool_calls":[{"function":{"name":"ping"}}]}}]}'))
     (call,) = p.tool_calls()
     assert call.name == "ping" and call.arguments == "{}" and call.id.startswith("call_")
-    with pytest.raises(UpstreamError, match="tool call delta"):
-        SSEParser(chat=True).feed(sse('{"choices":[{"delta":{"tool_calls":["x"]}}]}'))
+    for bad in ('["x"]', '[{"index":"0","function":{"name":"f"}}]'):
+        with pytest.raises(UpstreamError, match="tool call delta"):
+            SSEParser(chat=True).feed(sse(f'{{"choices":[{{"delta":{{"tool_calls":{bad}}}}}]}}'))
 
 
 def test_ndjson_tool_calls_have_text_arguments_and_ids() -> None:

@@ -192,9 +192,10 @@ class SSEParser(StreamParser):
     def _tool_deltas(self, deltas: list[Any]) -> None:
         """Pieces of tool calls: the first of a call has its id and name, the rest add to its arguments."""
         for d in deltas:
-            if not isinstance(d, dict):
-                raise UpstreamError(f"sent a tool call delta that is not an object: {d!r:.120}")
-            part = self._partial.setdefault(int(d.get("index", len(self._partial))), ["", "", ""])
+            index = d.get("index", len(self._partial)) if isinstance(d, dict) else None
+            if type(index) is not int:
+                raise UpstreamError(f"sent a tool call delta that is not an object with an integer index: {d!r:.120}")
+            part = self._partial.setdefault(index, ["", "", ""])
             fn = d.get("function") or {}
             part[0] = part[0] or d.get("id") or ""
             part[1] = part[1] or fn.get("name") or ""
