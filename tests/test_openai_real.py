@@ -191,6 +191,15 @@ def test_context_length_exceeded(client: openai.OpenAI) -> None:
     assert exc2.value.body["code"] == "context_length_exceeded"
 
 
+def test_logit_bias_outside_the_vocabulary_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       logit_bias={"99999999": 5})
+    body = exc.value.body
+    assert isinstance(body, dict) and body["param"] == "logit_bias"
+    assert "99999999" in body["message"] and "vocabulary" in body["message"]
+
+
 def test_unknown_model_404_lists_models(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="llama9", messages=[{"role": "user", "content": "x"}])

@@ -138,7 +138,8 @@ class Worker:
         try:
             sampler = self.m.sampler(spec)
         except ValueError as exc:
-            self.emit("error", rid, "bad_request", str(exc))
+            text = str(exc)
+            self.emit("error", rid, "bad_request", (text, "logit_bias" if text.startswith("logit_bias") else None))
             return
         budget = limit - len(tokens)
         seq = Seq(rid, tokens, spec, min(max_tokens or budget, budget), stops, sampler, TextOut(stops))
