@@ -70,11 +70,22 @@ async def on_hearth_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
 
+# Ollama endpoints hearth does not serve, and what to do instead.
+UNSERVED = {
+    "/api/create": "hearth builds no models from Modelfiles; register a GGUF with `hearth models import PATH --name NAME`",
+    "/api/push": "hearth does not push models to a registry",
+    "/api/blobs": "hearth takes no blob uploads; register a GGUF with `hearth models import PATH --name NAME`",
+}
+
+
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        err: HearthError = NotFound(f"no route {request.method} {request.url.path}; see /v1/* and /api/*",
-                                    code="not_found")
+    path = request.url.path
+    unserved = next((hint for prefix, hint in UNSERVED.items() if path.startswith(prefix)), None)
+    if exc.status_code == 404 and unserved:
+        err: HearthError = NotFound(f"{request.method} {path} is not supported: {unserved}", code="not_supported")
+    elif exc.status_code == 404:
+        err = NotFound(f"no route {request.method} {path}; see /v1/* and /api/*", code="not_found")
     else:
         err = HearthError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
                           code="method_not_allowed" if exc.status_code == 405 else None)

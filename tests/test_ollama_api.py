@@ -224,6 +224,13 @@ def test_bad_requests_say_what_is_wrong(http: httpx.Client, body: dict[str, Any]
     assert words in error_of(http.post("/api/chat", json=body), 400)
 
 
+def test_ollama_endpoints_hearth_does_not_serve_say_what_to_do(http: httpx.Client) -> None:
+    msg = error_of(http.post("/api/create", json={"model": "x", "from": "fake"}), 404)
+    assert "not supported" in msg and "hearth models import" in msg
+    assert "not supported" in error_of(http.post("/api/push", json={"model": "x"}), 404)
+    assert "no route" in error_of(http.post("/api/nothing", json={}), 404)
+
+
 def test_invalid_json_body_is_a_400(http: httpx.Client) -> None:
     assert "JSON" in error_of(http.post("/api/chat", content=b"{not json"), 400)
 
