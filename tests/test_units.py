@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +293,14 @@ def test_openai_tool_turns_become_core_messages() -> None:
     assert user.name is None and asst.content == "" and tool.content == "42"
     assert [(c.id, c.name, c.arguments) for c in asst.tool_calls] == [("c1", "f", '{"a": 1}')]
     assert (tool.role, tool.tool_call_id, tool.name) == ("tool", "c1", "f")
+
+
+def test_cli_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    (tmp_path / "hearth.toml").write_text("")
+    env = {**os.environ, "HEARTH_HOME": str(tmp_path), "HEARTH_CONFIG": str(tmp_path / "hearth.toml")}
+    proc = subprocess.Popen([sys.executable, "-m", "hearth", "config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `hearth config | head -0`: the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 0 and "Traceback" not in err, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -112,4 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         code = fail(str(exc), "run `hearth config` to see every setting and where it comes from")
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # the reader left early (`hearth config | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        code = 0
     sys.exit(code)
