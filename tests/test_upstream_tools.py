@@ -230,3 +230,17 @@ def test_tool_call_answers_match_the_published_specs(server: Server) -> None:
 def test_upstream_chat_models_show_the_tools_capability(server: Server) -> None:
     assert "tools" in olla(server).show("llamita:8b").capabilities
     assert "tools" not in (olla(server).show("fake:latest").capabilities or [])
+
+
+def test_each_of_n_choices_carries_its_own_tool_calls(server: Server) -> None:
+    c = oai(server)
+    out = c.chat.completions.create(model="m@oai", messages=ASK, tools=TOOLS, n=2)  # type: ignore[arg-type]
+    for choice in out.choices:
+        assert [t.function.name for t in choice.message.tool_calls or []] == ["get_weather", "get_time"]
+    seen: dict[tuple[int, int], str] = {}
+    for chunk in c.chat.completions.create(model="m@oai", messages=ASK, tools=TOOLS, n=2,  # type: ignore
+                                           stream=True):
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                seen[(choice.index, d.index)] = d.function.name if d.function else ""
+    assert seen == {(0, 0): "get_weather", (0, 1): "get_time", (1, 0): "get_weather", (1, 1): "get_time"}
