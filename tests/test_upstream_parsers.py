@@ -108,3 +108,11 @@ def test_ndjson_tool_calls_have_text_arguments_and_ids() -> None:
     assert calls[0].id.startswith("call_") and calls[1].id == "c2" and p.finish == "stop"
     with pytest.raises(UpstreamError, match="without a function"):
         NDJSONParser(chat=True).feed([b'{"message":{"tool_calls":[{"name":"x"}]},"done":false}'])
+
+
+def test_sse_tool_call_deltas_without_index_continue_the_last_call() -> None:
+    p = SSEParser(chat=True)
+    deltas = ['{"id":"a","function":{"name":"f","arguments":"{\\"x\\""}}', '{"function":{"arguments":": 1}"}}',
+              '{"id":"b","function":{"name":"g","arguments":"{}"}}']
+    p.feed(sse(*(f'{{"choices":[{{"delta":{{"tool_calls":[{d}]}}}}]}}' for d in deltas)))
+    assert [(c.id, c.name, c.arguments) for c in p.tool_calls()] == [("a", "f", '{"x": 1}'), ("b", "g", "{}")]

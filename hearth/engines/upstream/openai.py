@@ -192,11 +192,16 @@ class SSEParser(StreamParser):
     def _tool_deltas(self, deltas: list[Any]) -> None:
         """Pieces of tool calls: the first of a call has its id and name, the rest add to its arguments."""
         for d in deltas:
-            index = d.get("index", len(self._partial)) if isinstance(d, dict) else None
-            if type(index) is not int:
-                raise UpstreamError(f"sent a tool call delta that is not an object with an integer index: {d!r:.120}")
-            part = self._partial.setdefault(index, ["", "", ""])
+            if not isinstance(d, dict):
+                raise UpstreamError(f"sent a tool call delta that is not an object: {d!r:.120}")
             fn = d.get("function") or {}
+            index = d.get("index")
+            if index is None:  # servers that leave it out: an id or a name starts a call, the rest continue it
+                starts = d.get("id") or fn.get("name") or not self._partial
+                index = len(self._partial) if starts else max(self._partial)
+            if type(index) is not int:
+                raise UpstreamError(f"sent a tool call delta whose index is not an integer: {d!r:.120}")
+            part = self._partial.setdefault(index, ["", "", ""])
             part[0] = part[0] or d.get("id") or ""
             part[1] = part[1] or fn.get("name") or ""
             part[2] += tools.arguments_text(fn.get("arguments")) if fn.get("arguments") is not None else ""
