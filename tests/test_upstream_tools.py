@@ -204,13 +204,15 @@ def test_engine_without_tools_refuses_them_by_name(server: Server) -> None:
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice must be"),
     ({"tool_choice": "required"}, "needs `tools`"),
+    ({"functions": [{"name": "f"}]}, "deprecated form of `tools`"),
+    ({"tools": TOOLS, "function_call": "auto"}, "deprecated form of `tool_choice`"),
 ])
 def test_bad_tools_are_a_400_that_says_what_is_wrong(server: Server, extra: dict[str, Any], says: str) -> None:
     r = httpx.post(server.v1 + "/chat/completions", json={"model": "m@oai", "messages": ASK, **extra}, timeout=30)
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
     r = httpx.post(server.url + "/api/chat", json={"model": "m@oai", "messages": ASK, "stream": False,
                                                    "tools": extra.get("tools", [])}, timeout=30)
-    assert r.status_code == (200 if "tool_choice" in extra else 400)
+    assert r.status_code == (400 if "tools" in extra and extra["tools"] is not TOOLS else 200)
 
 
 def test_tool_call_answers_match_the_published_specs(server: Server) -> None:

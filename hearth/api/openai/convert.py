@@ -117,6 +117,11 @@ def _reject_unsupported(req: w.SamplingFields) -> None:
 def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
     """OpenAI chat request -> core GenerateRequest."""
     _reject_unsupported(req)
+    extra = req.model_extra or {}
+    for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+        if extra.get(old) is not None:  # ignoring them would answer as if no function existed
+            raise BadRequest(f"`{old}` is the deprecated form of `{new}`; send `{new}` instead "
+                             '(each function as {"type": "function", "function": {...}})', param=old)
     tool_list = tools.check_tools(req.tools)
     choice = tools.check_tool_choice(req.tool_choice, tool_list)
     return GenerateRequest(
