@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -167,3 +171,16 @@ def test_keep_alive_connection_serves_json_and_streams_in_turn(server: Server) -
                 assert len(text.split()) == 3
             else:
                 assert json.loads(body)["usage"]["completion_tokens"] == 3
+
+
+def test_second_server_on_a_busy_port_says_so_in_one_line(fake_server: Server, tmp_path: Path) -> None:
+    port = fake_server.url.rsplit(":", 1)[1]
+    env = {**os.environ, "HEARTH_HOME": str(tmp_path), "HEARTH_CONFIG": str(tmp_path / "hearth.toml")}
+    (tmp_path / "hearth.toml").write_text("")
+    out = subprocess.run([sys.executable, "-m", "hearth", "serve", "--fake", "--port", port],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-2].startswith(f"hearth: error: cannot listen on 127.0.0.1:{port}") and "in use" in lines[-2]
+    assert lines[-1].startswith("hint:") and "Traceback" not in out.stderr
+    assert httpx.get(fake_server.url + "/health").status_code == 200  # the first one is untouched

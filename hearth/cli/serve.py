@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -40,7 +41,20 @@ def banner(settings: Settings, port: int) -> str:
     )
 
 
-async def _run(settings: Settings) -> int:
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a port in use fails here, before any model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _run(settings: Settings, sock: socket.socket) -> int:
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -69,7 +83,7 @@ async def _run(settings: Settings) -> int:
     async with app.router.lifespan_context(app):
         watcher = asyncio.ensure_future(announce())
         try:
-            await server.serve()
+            await server.serve(sockets=[sock])
         finally:
             watcher.cancel()
     return 0 if server.started else 1
@@ -85,12 +99,16 @@ def serve(settings: Settings, create_admin_key: bool = False) -> int:
     if refused is not None:
         return refused
     try:
-        import uvloop
-
-        return uvloop.run(_run(settings))
-    except ImportError:
-        return asyncio.run(_run(settings))
+        sock = listen(settings.host, settings.port)
     except OSError as exc:
-        print(f"hearth: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
-        print("hint: choose another port with --port or HEARTH_PORT", file=sys.stderr)
+        print(f"hearth: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        print("hint: choose another port with --port or HEARTH_PORT (is another hearth already running?)",
+              file=sys.stderr)
         return 2
+    with sock:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(_run(settings, sock))
+        return uvloop.run(_run(settings, sock))
