@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from dataclasses import dataclass
-
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from hearth.core import record
 from hearth.core.engine import Engine, Generation
@@ -67,7 +66,7 @@ async def embed(engine: Engine, info: ModelInfo, req: EmbedRequest) -> EmbedResu
     return result
 
 
-def check_tools(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
+def check_tool_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
     """Tool calling goes only to engines that can do it (upstreams pass it through)."""
     if req.uses_tools and not getattr(engine, "supports_tools", False):
         raise BadRequest(
@@ -81,7 +80,7 @@ def check_tools(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
     check_request(req, grammar=not getattr(engine, "passes_format_through", False))
-    check_tools(engine, info, req)
+    check_tool_support(engine, info, req)
     record.note_model(info)
     gens: list[Generation] = []
     try:

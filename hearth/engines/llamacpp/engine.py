@@ -332,9 +332,9 @@ class LlamaCppEngine:
             return ContextLengthExceeded(
                 f"this model's context is {limit} tokens, but the prompt is {prompt} tokens; "
                 "shorten the prompt (or raise ctx_per_slot)", param=param)
-        if kind == "bad_request":  # detail: the text, or (text, the field it is about)
-            text, field = detail if isinstance(detail, (tuple, list)) else (detail, None)
-            return BadRequest(str(text), param=field or param)
+        if kind == "bad_request":  # detail: (text, the field it is about or None)
+            text, field = detail
+            return BadRequest(text, param=field or param)
         return EngineUnavailable(f"engine error: {detail}")
 
     async def embed(self, model: ModelInfo, req: EmbedRequest) -> EmbedResult:

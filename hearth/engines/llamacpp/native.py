@@ -151,11 +151,7 @@ class Model:
 
     # -- sampling -----------------------------------------------------------
     def sampler(self, spec: SamplerSpec) -> Any:
-        """A fresh sampler chain for one request (ValueError for a spec this model cannot take)."""
-        outside = sorted(t for t in spec.logit_bias or () if not 0 <= t < self.n_vocab)
-        if outside:  # llama.cpp would ignore them: say so instead
-            raise ValueError(f"logit_bias token id {outside[0]} is not in this model's vocabulary "
-                             f"(ids 0 to {self.n_vocab - 1})")
+        """A fresh sampler chain for one request (ValueError for a grammar llama.cpp cannot parse)."""
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         add = lambda s: L.llama_sampler_chain_add(chain, s)  # noqa: E731
         if spec.grammar:

@@ -130,7 +130,12 @@ class Worker:
         # A request may ask for a smaller context (Ollama's num_ctx), never a larger one.
         limit = min(ctx, self.m.n_ctx_seq) if ctx else self.m.n_ctx_seq
         if not tokens:
-            self.emit("error", rid, "bad_request", "the prompt is empty after tokenization; send some text")
+            self.emit("error", rid, "bad_request", ("the prompt is empty after tokenization; send some text", None))
+            return
+        outside = sorted(t for t in spec.logit_bias or () if not 0 <= t < self.m.n_vocab)
+        if outside:  # llama.cpp would ignore them: say so instead
+            self.emit("error", rid, "bad_request", (f"logit_bias token id {outside[0]} is not in this model's "
+                                                    f"vocabulary (ids 0 to {self.m.n_vocab - 1})", "logit_bias"))
             return
         if len(tokens) >= limit or (max_tokens and len(tokens) + max_tokens > limit):
             self.emit("error", rid, "context", (len(tokens), max_tokens or 0, limit))
@@ -138,8 +143,7 @@ class Worker:
         try:
             sampler = self.m.sampler(spec)
         except ValueError as exc:
-            text = str(exc)
-            self.emit("error", rid, "bad_request", (text, "logit_bias" if text.startswith("logit_bias") else None))
+            self.emit("error", rid, "bad_request", (str(exc), "response_format"))
             return
         budget = limit - len(tokens)
         seq = Seq(rid, tokens, spec, min(max_tokens or budget, budget), stops, sampler, TextOut(stops))
