@@ -47,7 +47,7 @@ class Observed:
 
     async def _run(self) -> AsyncIterator[Chunk]:
         async for chunk in self.gen:
-            if chunk.text:
+            if chunk.text or chunk.tool_calls:
                 record.note_first_token()
             if chunk.usage is not None:
                 u = chunk.usage

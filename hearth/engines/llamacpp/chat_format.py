@@ -9,6 +9,10 @@ architecture (README, "Chat templates"):
 | gemma, gemma2, gemma3   | Gemma turns: `<start_of_turn>user ... <end_of_turn>`, system text prepended to the first user turn |
 | llama (3.x)             | Llama 3 headers: `<|start_header_id|>role<|end_header_id|>` ... `<|eot_id|>` |
 | anything else           | ChatML: `<|im_start|>role ... <|im_end|>` |
+
+Tools go to a template that knows them; for any other template (and the
+fallbacks) they, earlier calls and their results are written into the
+messages as text (`tool_calls.plain_messages`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from hearth.core.errors import BadRequest
 from hearth.core.types import Message
+from hearth.engines.llamacpp import tool_calls
 
 
 def _raise(message: str) -> None:
@@ -91,16 +96,26 @@ class ChatFormatter:
     def description(self) -> str:
         return "gguf" if self._compiled is not None else f"fallback:{self.fallback}"
 
-    def render(self, messages: list[Message]) -> str:
+    @property
+    def knows_tools(self) -> bool:
+        """True when the model's own template renders tools, calls and results."""
+        return self._compiled is not None and "tools" in (self.source or "")
+
+    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text, ending where the assistant's answer begins."""
+        native = self.knows_tools
+        if not native and (tools or any(m.tool_calls or m.role == "tool" for m in messages)):
+            messages = tool_calls.plain_messages(messages, tools or [])
         if self._compiled is None:
             return FALLBACKS[self.fallback](messages, self.bos)
+        extra: dict[str, Any] = {"tools": tools} if native and tools else {}
         try:
             return self._compiled.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=tool_calls.template_messages(messages),
                 add_generation_prompt=True,
                 bos_token=self.bos,
                 eos_token=self.eos,
+                **extra,
             )
         except TemplateError as exc:
             raise BadRequest(f"the model's chat template failed: {exc}", param="messages") from None

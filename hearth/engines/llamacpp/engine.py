@@ -28,9 +28,11 @@ from hearth.core.types import (
     ModelInfo,
     Usage,
 )
+from hearth.engines.llamacpp import tool_calls
 from hearth.engines.llamacpp.chat_format import ChatFormatter
 from hearth.engines.llamacpp.client import WorkerArgs, WorkerClient
 from hearth.engines.llamacpp.native_spec import sampler_spec
+from hearth.engines.llamacpp.tool_stream import ToolCallGeneration
 from hearth.models.bundled import BUNDLED_NAME, ensure_bundled
 from hearth.models.gguf_meta import GGUFError, read_gguf
 from hearth.settings import Settings
@@ -134,6 +136,7 @@ class LlamaCppEngine:
     """llama.cpp in worker processes, one per loaded model, batching inside."""
 
     name = "local"
+    supports_tools = True  # through the model's template, or hearth's tool prompt (tool_calls.py)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -156,7 +159,7 @@ class LlamaCppEngine:
             created=int(path.stat().st_mtime), owned_by="hearth",
             embedding_dimension=meta.embedding_length or None,
             embedding_dimensions=sorted(set(dims) | {meta.embedding_length}) if dims else [],
-            capabilities=["completion", "embedding"],
+            capabilities=["completion", "embedding", "tools"],
             architecture=meta.architecture, family=meta.architecture,
             parameter_count=meta.parameter_count, quantization=meta.quantization,
             size_bytes=path.stat().st_size, chat_template=meta.chat_template, path=str(path),
@@ -285,7 +288,7 @@ class LlamaCppEngine:
             raise BadRequest(f"model {sm.info.id!r} cannot see images; send text only or use a vision model",
                              param="messages")
         assert sm.formatter is not None
-        text = sm.formatter.render(req.messages)
+        text = sm.formatter.render(req.messages, tool_calls.active_tools(req))
         bos = sm.formatter.bos
         return text, not (bos and text.startswith(bos))
 
@@ -296,17 +299,23 @@ class LlamaCppEngine:
                 f"the in-box engine is busy ({worker.outstanding} requests running or queued, limit {limit}); "
                 "retry after a moment", retry_after=1)
 
-    async def generate(self, model: ModelInfo, req: GenerateRequest) -> LlamaGeneration:
+    async def generate(self, model: ModelInfo, req: GenerateRequest) -> LlamaGeneration | ToolCallGeneration:
         t0 = time.perf_counter_ns()
         sm = self._served(model)
+        tools = tool_calls.active_tools(req) if req.is_chat else []
+        if tools and req.response_format.type != "text":
+            raise BadRequest("the in-box engine cannot enforce response_format on an answer that may be a "
+                             "tool call; send either `tools` or `response_format`", param="response_format")
         worker, load_ns = await self._worker(sm, req.keep_alive)
         self._admit(worker)
         prompt, add_special = self._prompt(sm, req)
         spec = sampler_spec(req)
+        if tools and tool_calls.forced(req):
+            spec.grammar = tool_calls.grammar(req)
         rid = worker.new_id()
         box = worker.open(rid)
         try:
-            worker.send("gen", rid, prompt, add_special, spec, req.max_tokens, req.stop, req.num_ctx)
+            worker.send("gen", rid, prompt, add_special, spec, req.max_tokens, self._stops(req, tools), req.num_ctx)
             first = await box.get()
         except BaseException:
             worker.close_box(rid)
@@ -314,7 +323,19 @@ class LlamaCppEngine:
         if first[0] != "accepted":
             worker.close_box(rid)
             raise self._error(first, sm, "messages" if req.is_chat else "prompt")
-        return LlamaGeneration(worker, rid, box, first[2], load_ns, t0, lambda: self._keep(sm, req.keep_alive))
+        gen = LlamaGeneration(worker, rid, box, first[2], load_ns, t0, lambda: self._keep(sm, req.keep_alive))
+        if tools:
+            names = {t["function"]["name"] for t in tools}
+            return ToolCallGeneration(gen, names, tool_calls.forced(req))
+        return gen
+
+    @staticmethod
+    def _stops(req: GenerateRequest, tools: list[dict[str, Any]]) -> list[str]:
+        """The request's stop strings; with tools and no parallel calls, the end of the first call too
+        (a small model goes on writing after its call; the parser reads an unclosed last call)."""
+        if tools and req.parallel_tool_calls is not True:
+            return [*req.stop, tool_calls.CLOSE]
+        return req.stop
 
     def _error(self, msg: tuple[Any, ...], sm: ServedModel, param: str) -> HearthError:
         if msg[0] == "dead":

@@ -1,0 +1,233 @@
+"""In-box tool calling without the model: prompts, grammar, parsing calls, holding back streamed text.
+
+The real model is in tests/test_tools_real.py; these pin down the edges fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from hearth.core.structured import StructuredOutputError
+from hearth.core.types import Chunk, GenerateRequest, Message, ToolCall, Usage
+from hearth.engines.llamacpp import tool_calls
+from hearth.engines.llamacpp.chat_format import ChatFormatter
+from hearth.engines.llamacpp.tool_stream import ToolCallGeneration
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+NAMES = {"get_weather", "add"}
+HISTORY = [
+    Message(role="system", content="Be brief."),
+    Message(role="user", content="Weather in Paris and Rome?"),
+    Message(role="assistant", content="Checking.", tool_calls=[
+        ToolCall(name="get_weather", arguments='{"city": "Paris"}', id="c1"),
+        ToolCall(name="get_weather", arguments='{"city": "Rome"}', id="c2")]),
+    Message(role="tool", content="18 C", tool_call_id="c1"),
+    Message(role="tool", content="21 C", tool_call_id="c2"),
+]
+# A Qwen 2.5-like template: it renders tools, calls and results itself.
+QWEN_LIKE = """{%- if tools %}<|im_start|>system
+<tools>
+{%- for tool in tools %}
+{{ tool.function.name }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for tc in message.tool_calls %}
+<tool_call>{{ tc.function.name }}:{{ tc.function.arguments.city }}:{{ tc.id }}</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>{{ message.tool_call_id }}={{ message.content }}</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+# -- parsing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}',  # closed by the stop string
+    '{"name": "get_weather", "parameters": {"city": "Paris"}}',  # Llama 3
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+    '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]',  # Mistral
+    '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>',  # arguments as text
+])
+def test_parse_call_formats(text: str) -> None:
+    parsed = tool_calls.parse(text, NAMES)
+    assert parsed is not None
+    before, calls = parsed
+    assert before == ""
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert calls[0].id.startswith("call_")
+
+
+def test_parse_several_calls_and_text_before() -> None:
+    text = ('Let me look.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+            '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>')
+    before, calls = tool_calls.parse(text, NAMES) or ("", [])
+    assert before == "Let me look."
+    assert [c.name for c in calls] == ["get_weather", "add"]
+    assert len({c.id for c in calls}) == 2
+
+
+@pytest.mark.parametrize("text", [
+    "Paris is sunny today.",
+    '{"city": "Paris"}',  # JSON, but no call
+    '{"name": "unknown_fn", "arguments": {}}',  # not one of the tools
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Par',  # cut off
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call> and then some prose',
+    '<tool_call>{"name": "get_weather", "arguments": [1, 2]}</tool_call>',
+])
+def test_parse_refuses_what_is_not_a_clean_call(text: str) -> None:
+    assert tool_calls.parse(text, NAMES) is None
+
+
+def test_held_back_is_a_possible_marker_start() -> None:
+    assert tool_calls.held_back("Sure <tool") == len("<tool")
+    assert tool_calls.held_back("Sure [TOOL_") == len("[TOOL_")
+    assert tool_calls.held_back("Sure <b>") == 0
+    assert tool_calls.held_back("x <") == 1
+
+
+# -- prompts ------------------------------------------------------------------------
+
+
+def test_plain_messages_write_tools_calls_and_results_as_text() -> None:
+    out = tool_calls.plain_messages(HISTORY, [WEATHER])
+    assert [m.role for m in out] == ["system", "user", "assistant", "user"]
+    assert out[0].content.startswith("Be brief.\n\n") and '"name": "get_weather"' in out[0].content
+    assert out[2].content.startswith("Checking.\n<tool_call>")
+    assert [json.loads(line)["arguments"]["city"] for line in out[2].content.splitlines() if line.startswith("{")] \
+        == ["Paris", "Rome"]
+    assert out[3].content.count("<tool_response>") == 2 and "18 C" in out[3].content and "21 C" in out[3].content
+    assert all(not m.tool_calls for m in out)
+
+
+def test_fallback_formats_render_tool_histories() -> None:
+    for arch in ("gemma3", "llama", "qwen2"):
+        prompt = ChatFormatter(None, arch, "<bos>", "<eos>").render(HISTORY, [WEATHER])
+        assert "<tool_response>\n18 C\n</tool_response>" in prompt
+        assert '"arguments": {"city": "Rome"}' in prompt
+        assert '"description": "Weather for a city"' in prompt
+
+
+def test_template_without_tools_gets_them_as_text() -> None:
+    plain = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    f = ChatFormatter(plain, "qwen2", "", "")
+    assert not f.knows_tools
+    prompt = f.render(HISTORY, [WEATHER])
+    assert "[tool]" not in prompt and "[user] <tool_response>" in prompt and "get_weather" in prompt
+
+
+def test_template_with_tools_renders_them_itself() -> None:
+    f = ChatFormatter(QWEN_LIKE, "qwen2", "", "")
+    assert f.knows_tools
+    prompt = f.render(HISTORY, [WEATHER, ADD])
+    assert "<tools>get_weatheradd</tools>" in prompt
+    assert "<tool_call>get_weather:Paris:c1</tool_call>" in prompt  # arguments reach it as an object
+    assert "<tool_response>c2=21 C</tool_response>" in prompt
+    assert "You can call functions" not in prompt  # hearth's own tool prompt stays out
+
+
+# -- grammar ------------------------------------------------------------------------
+
+
+def _req(choice: object, parallel: bool | None = None) -> GenerateRequest:
+    return GenerateRequest(model="m", messages=[Message(role="user", content="hi")], tools=[WEATHER, ADD],
+                           tool_choice=choice, parallel_tool_calls=parallel)  # type: ignore[arg-type]
+
+
+def test_grammar_forces_one_call_to_the_named_function() -> None:
+    g = tool_calls.grammar(_req({"type": "function", "function": {"name": "add"}}))
+    assert "root ::= hearth-call\n" in g
+    assert '"\\"add\\""' in g and "get_weather" not in g
+    assert g.count("root ::=") == 1
+
+
+def test_grammar_required_offers_every_tool_and_parallel_only_when_asked() -> None:
+    one = tool_calls.grammar(_req("required"))
+    assert "get_weather" in one and '"\\"add\\""' in one and "root ::= hearth-call\n" in one
+    many = tool_calls.grammar(_req("required", parallel=True))
+    assert 'root ::= hearth-call ("\\n" hearth-call)*' in many
+    assert tool_calls.forced(_req("required")) and not tool_calls.forced(_req("auto"))
+    assert not tool_calls.forced(_req("none")) and tool_calls.active_tools(_req("none")) == []
+
+
+# -- streaming ----------------------------------------------------------------------
+
+
+class Scripted:
+    """An inner generation that yields the given text pieces, then a finish."""
+
+    def __init__(self, pieces: list[str], finish: str = "stop") -> None:
+        self.pieces = pieces
+        self.finish = finish
+        self.prompt_tokens = 7
+        self.closed = False
+
+    async def _run(self) -> AsyncIterator[Chunk]:
+        for p in self.pieces:
+            yield Chunk(text=p)
+        yield Chunk(finish_reason=self.finish, usage=Usage(prompt_tokens=7, completion_tokens=len(self.pieces)))  # type: ignore[arg-type]
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._run()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _drain(gen: ToolCallGeneration) -> list[Chunk]:
+    async def run() -> list[Chunk]:
+        return [c async for c in gen]
+    return asyncio.run(run())
+
+
+def test_stream_sends_text_before_a_call_and_then_the_call() -> None:
+    pieces = ["Let me ", "check. <", "tool_", 'call>{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}']
+    out = _drain(ToolCallGeneration(Scripted(pieces), NAMES, forced=False))
+    text = "".join(c.text for c in out)
+    assert text == "Let me check. "  # text before the marker streams as it came
+    assert "<" not in "".join(c.text for c in out[:2])  # the marker's start was held back, never sent
+    calls = [c for ch in out for c in ch.tool_calls]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    assert out[-1].finish_reason == "tool_calls" and out[-1].usage is not None
+    assert out[-1].usage.completion_tokens == len(pieces)
+
+
+def test_stream_plain_answer_loses_nothing() -> None:
+    pieces = ["  ", "{not a call", "} and <b>bold</b> and <tool", " done"]
+    out = _drain(ToolCallGeneration(Scripted(pieces, "length"), NAMES, forced=False))
+    assert "".join(c.text for c in out) == "".join(pieces)
+    assert out[-1].finish_reason == "length" and not any(c.tool_calls for c in out)
+
+
+def test_stream_json_call_at_start_is_a_call() -> None:
+    out = _drain(ToolCallGeneration(Scripted(["\n", '{"name": "add", "parameters": {"a": 2, "b": 3}}']), NAMES, False))
+    assert [c.name for ch in out for c in ch.tool_calls] == ["add"] and not "".join(c.text for c in out).strip()
+
+
+def test_forced_call_cut_off_is_an_error_not_text() -> None:
+    gen = ToolCallGeneration(Scripted(['<tool_call>\n{"name": "add", "argu'], "length"), NAMES, forced=True)
+    with pytest.raises(StructuredOutputError, match="max_tokens"):
+        _drain(gen)
+
+
+def test_aclose_reaches_the_inner_generation() -> None:
+    inner = Scripted(["x"])
+    asyncio.run(ToolCallGeneration(inner, NAMES, forced=False).aclose())
+    assert inner.closed
