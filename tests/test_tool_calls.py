@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from hearth.core.errors import BadRequest
 from hearth.core.structured import StructuredOutputError
 from hearth.core.types import Chunk, GenerateRequest, Message, ToolCall, Usage
 from hearth.engines.llamacpp import tool_calls
@@ -165,6 +166,17 @@ def test_grammar_required_offers_every_tool_and_parallel_only_when_asked() -> No
     assert 'root ::= hearth-call ("\\n" hearth-call)*' in many
     assert tool_calls.forced(_req("required")) and not tool_calls.forced(_req("auto"))
     assert not tool_calls.forced(_req("none")) and tool_calls.active_tools(_req("none")) == []
+
+
+def test_strict_function_fails_closed_on_keywords_the_grammar_cannot_enforce() -> None:
+    email = {"type": "object", "properties": {"to": {"type": "string", "format": "email"}}, "required": ["to"]}
+    loose = {"type": "function", "function": {"name": "mail", "parameters": email}}
+    req = GenerateRequest(model="m", messages=[], tools=[loose], tool_choice="required")
+    assert "hearth-call" in tool_calls.grammar(req)  # best effort without strict
+    req.tools = [{"type": "function", "function": {"name": "mail", "parameters": email, "strict": True}}]
+    with pytest.raises(BadRequest, match="function 'mail' is strict, but JSON schema format 'email'") as err:
+        tool_calls.grammar(req)
+    assert err.value.param == "tools"
 
 
 # -- streaming ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from hearth.core.errors import BadRequest
+from hearth.core.structured import check_enforceable
 from hearth.core.tools import arguments_object, new_call_id
 from hearth.core.types import GenerateRequest, Message, ToolCall
 
@@ -129,6 +130,8 @@ def grammar(req: GenerateRequest) -> str:
     for t in tools:
         fn = t["function"]
         params = fn.get("parameters") or {"type": "object"}
+        if fn.get("strict"):
+            _check_strict(fn["name"], params)
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
                         "required": ["name", "arguments"], "additionalProperties": False})
     schema = options[0] if len(options) == 1 else {"anyOf": options}
@@ -142,6 +145,16 @@ def grammar(req: GenerateRequest) -> str:
     root = 'hearth-call ::= "<tool_call>\\n" hearth-call-json "\\n</tool_call>"\n'
     root += 'root ::= hearth-call ("\\n" hearth-call)*\n' if many else "root ::= hearth-call\n"
     return root + body
+
+
+def _check_strict(name: str, params: dict[str, Any]) -> None:
+    """`strict: true` promises arguments that follow the schema: fail closed on what the grammar cannot enforce.
+    (Without it, keywords the grammar cannot express, such as `format: email`, are best effort.)"""
+    try:
+        check_enforceable(params)
+    except BadRequest as exc:
+        raise BadRequest(f"function {name!r} is strict, but {exc.message}", param="tools",
+                         code="unsupported_schema_keyword") from None
 
 
 # -- parsing ------------------------------------------------------------------------
