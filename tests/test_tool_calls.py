@@ -13,7 +13,14 @@ import pytest
 
 from hearth.core.errors import BadRequest
 from hearth.core.structured import StructuredOutputError
-from hearth.core.types import Chunk, GenerateRequest, Message, ToolCall, Usage
+from hearth.core.types import (
+    Chunk,
+    GenerateRequest,
+    Message,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
 from hearth.engines.llamacpp import tool_calls
 from hearth.engines.llamacpp.chat_format import ChatFormatter
 from hearth.engines.llamacpp.tool_stream import ToolCallGeneration
@@ -237,6 +244,23 @@ def test_forced_call_cut_off_is_an_error_not_text() -> None:
     gen = ToolCallGeneration(Scripted(['<tool_call>\n{"name": "add", "argu'], "length"), NAMES, forced=True)
     with pytest.raises(StructuredOutputError, match="max_tokens"):
         _drain(gen)
+
+
+def test_logprobs_travel_with_the_text_or_call_they_belong_to() -> None:
+    def lp(t: str) -> TokenLogprob:
+        return TokenLogprob(t, -0.5, list(t.encode()))
+
+    class WithLogprobs(Scripted):
+        async def _run(self) -> AsyncIterator[Chunk]:
+            for p in self.pieces:
+                yield Chunk(text=p, logprobs=(lp(p),))
+            yield Chunk(finish_reason="stop", usage=Usage())
+
+    pieces = ["Ok <", "tool_call>", '{"name": "add", "arguments": {"a": 1, "b": 2}}']
+    out = _drain(ToolCallGeneration(WithLogprobs(pieces), NAMES, forced=False))
+    assert [t.token for c in out for t in c.logprobs] == pieces  # none lost, none twice
+    assert [t.token for t in out[0].logprobs] == ["Ok <"] and out[0].text == "Ok "
+    assert [t.token for c in out if c.tool_calls for t in c.logprobs] == pieces[1:]
 
 
 def test_aclose_reaches_the_inner_generation() -> None:

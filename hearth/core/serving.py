@@ -12,7 +12,16 @@ from hearth.core import record
 from hearth.core.engine import Engine, Generation
 from hearth.core.errors import BadRequest
 from hearth.core.structured import check_enforceable, check_schema, validate_output
-from hearth.core.types import Chunk, EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, ToolCall, Usage
+from hearth.core.types import (
+    Chunk,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    ModelInfo,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -77,10 +86,21 @@ def check_tool_support(engine: Engine, info: ModelInfo, req: GenerateRequest) ->
         )
 
 
+def check_logprob_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
+    """Log probabilities come only from engines that compute them (the in-box engine)."""
+    if req.logprobs is not None and not getattr(engine, "supports_logprobs", False):
+        raise BadRequest(
+            f"model {info.id!r} is served by engine {engine.name!r}, which does not return log probabilities; "
+            "remove `logprobs`, or use a model on the in-box engine",
+            param="logprobs",
+        )
+
+
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
     check_request(req, grammar=not getattr(engine, "passes_format_through", False))
     check_tool_support(engine, info, req)
+    check_logprob_support(engine, info, req)
     record.note_model(info)
     gens: list[Generation] = []
     try:
@@ -107,12 +127,14 @@ class Result:
     finish_reason: str
     usage: Usage
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
 
 
 async def collect(gen: Generation, req: GenerateRequest) -> Result:
     """Run a generation to the end and check structured output (unless it ended in tool calls)."""
     parts: list[str] = []
     calls: list[ToolCall] = []
+    logprobs: list[TokenLogprob] = []
     finish = "stop"
     usage = Usage(prompt_tokens=gen.prompt_tokens)
     try:
@@ -120,6 +142,7 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
             parts.append(chunk.text)
             if chunk.tool_calls:
                 calls.extend(chunk.tool_calls)
+            logprobs.extend(chunk.logprobs)
             if chunk.finish_reason:
                 finish = chunk.finish_reason
             if chunk.usage:
@@ -129,7 +152,7 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
     text = "".join(parts)
     if not calls:
         validate_output(text, req.response_format, finish)
-    return Result(text=text, finish_reason=finish, usage=usage, tool_calls=calls)
+    return Result(text=text, finish_reason=finish, usage=usage, tool_calls=calls, logprobs=logprobs)
 
 
 async def collect_all(gens: list[Generation], req: GenerateRequest) -> list[Result]:

@@ -86,6 +86,7 @@ class GenerateRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI-style function tools
     tool_choice: str | dict[str, Any] | None = None  # "auto", "none", "required" or a named function
     parallel_tool_calls: bool | None = None
+    logprobs: int | None = None  # None: off; N: each token's log probability and the N likeliest alternatives
 
     @property
     def uses_tools(self) -> bool:
@@ -118,16 +119,28 @@ class Usage:
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    """A generated token (its text and bytes), its log probability, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class Chunk:
     """A piece of a generation. The last chunk has `finish_reason` and `usage`.
 
-    `tool_calls` are whole calls (never argument fragments).
+    `tool_calls` are whole calls (never argument fragments). `logprobs` (when
+    asked for) are those of the tokens whose text is in this chunk.
     """
 
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ from hearth.core.types import (
     ModelInfo,
     ResponseFormat,
     Sampling,
+    TokenLogprob,
     ToolCall,
     Usage,
 )
@@ -161,8 +162,18 @@ def _reject_unsupported(wire: w.GenerationFields) -> None:
         raise BadRequest(
             f"model {wire.model!r} does not support thinking; drop `think` or set it to false", param="think"
         )
-    if wire.logprobs:
-        raise BadRequest("logprobs are not supported by hearth yet; drop `logprobs`", param="logprobs")
+
+
+def logprobs_of(wire: w.GenerationFields) -> int | None:
+    """`logprobs: true` and `top_logprobs: 0-20` -> how many alternatives per token (None: off)."""
+    top = wire.top_logprobs
+    if top is not None and not 0 <= top <= 20:
+        raise BadRequest(f"top_logprobs must be 0 to 20, got {top}", param="top_logprobs")
+    if not wire.logprobs:
+        if top:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
 
 
 def _message(msg: w.ChatMessage, i: int) -> Message:
@@ -180,6 +191,7 @@ def chat_request(wire: w.ChatRequest) -> GenerateRequest:
         response_format=response_format(wire.format),
         keep_alive=parse_keep_alive(wire.keep_alive),
         tools=tools.check_tools(wire.tools),
+        logprobs=logprobs_of(wire),
     )
     return apply_options(req, wire.options)
 
@@ -211,7 +223,7 @@ def generate_request(wire: w.GenerateRequest) -> GenerateRequest:
     _check_generate(wire)
     prompt = wire.prompt or ""
     req = GenerateRequest(model=wire.model, response_format=response_format(wire.format),
-                          keep_alive=parse_keep_alive(wire.keep_alive))
+                          keep_alive=parse_keep_alive(wire.keep_alive), logprobs=logprobs_of(wire))
     images = decode_images(wire.images, "images")
     if wire.raw or not (prompt or images):
         req.prompt = prompt
@@ -271,24 +283,40 @@ def tool_call_body(call: ToolCall, index: int) -> dict[str, Any]:
     return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": arguments}}
 
 
+def _token_logprob(t: TokenLogprob) -> dict[str, Any]:
+    return {"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+
+
+def logprobs_body(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """Log probabilities as Ollama sends them, one object per token."""
+    return [{**_token_logprob(t), "top_logprobs": [_token_logprob(a) for a in t.top]} for t in entries]
+
+
 def chunk_body(kind: str, model: str, created_at: str, text: str,
-               calls: list[ToolCall] | tuple[ToolCall, ...] = (), first: int = 0) -> dict[str, Any]:
+               calls: list[ToolCall] | tuple[ToolCall, ...] = (), first: int = 0,
+               logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...] | None = None) -> dict[str, Any]:
     """One streamed piece of /api/chat (`kind="chat"`) or /api/generate output.
 
-    `calls` are tool calls (chat only); `first` is the index of the first of them in the answer.
+    `calls` are tool calls (chat only); `first` is the index of the first of them in the answer;
+    `logprobs` are those of this piece's tokens (None when not asked for).
     """
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = [tool_call_body(c, first + k) for k, c in enumerate(calls)]
-        return {"model": model, "created_at": created_at, "message": message, "done": False}
-    return {"model": model, "created_at": created_at, "response": text, "done": False}
+        body = {"model": model, "created_at": created_at, "message": message, "done": False}
+    else:
+        body = {"model": model, "created_at": created_at, "response": text, "done": False}
+    if logprobs is not None:
+        body["logprobs"] = logprobs_body(logprobs)
+    return body
 
 
 def final_body(kind: str, model: str, created_at: str, text: str, finish: str | None,
-               usage: Usage, total_ns: int, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+               usage: Usage, total_ns: int, calls: list[ToolCall] | None = None,
+               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     """The last object of a generation (or the only one with stream=false)."""
-    body = chunk_body(kind, model, created_at, text, calls or ())
+    body = chunk_body(kind, model, created_at, text, calls or (), logprobs=logprobs)
     body["done"] = True
     body["done_reason"] = DONE_REASON.get(finish or "stop", "stop")
     body.update(timings(usage, total_ns))

@@ -92,7 +92,8 @@ async def _serve(request: Request, kind: str, wire: w.GenerationFields, req: Gen
     result = await until_disconnect(request, serving.collect(gen, req))
     total = time.perf_counter_ns() - t0
     return JSONResponse(convert.final_body(kind, wire.model, _created_at(), result.text, result.finish_reason,
-                                           result.usage, total, result.tool_calls))
+                                           result.usage, total, result.tool_calls,
+                                           result.logprobs if req.logprobs is not None else None))
 
 
 async def _load(engine: Engine, info: ModelInfo, kind: str, name: str, keep_alive: float | None,
@@ -116,12 +117,14 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
     usage = Usage(prompt_tokens=gen.prompt_tokens)
     try:
         async for chunk in gen:
+            logprobs = chunk.logprobs if req.logprobs is not None else None
             if chunk.text:
                 if check:
                     parts.append(chunk.text)
-                yield ndjson(convert.chunk_body(kind, name, _created_at(), chunk.text))
+                yield ndjson(convert.chunk_body(kind, name, _created_at(), chunk.text, logprobs=logprobs))
             if chunk.tool_calls:
-                yield ndjson(convert.chunk_body(kind, name, _created_at(), "", chunk.tool_calls, calls))
+                yield ndjson(convert.chunk_body(kind, name, _created_at(), "", chunk.tool_calls, calls,
+                                                logprobs=logprobs if not chunk.text else ()))
                 calls += len(chunk.tool_calls)
             if chunk.finish_reason:
                 finish = chunk.finish_reason

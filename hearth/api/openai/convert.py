@@ -18,6 +18,7 @@ from hearth.core.types import (
     ModelInfo,
     ResponseFormat,
     Sampling,
+    TokenLogprob,
     ToolCall,
     Usage,
 )
@@ -108,10 +109,34 @@ def _message(msg: w.ChatMessage, i: int) -> Message:
 
 
 def _reject_unsupported(req: w.SamplingFields) -> None:
-    if req.logprobs:
-        raise BadRequest("logprobs are not supported by hearth yet; remove `logprobs`", param="logprobs")
     if req.echo:
         raise BadRequest("echo is not supported; remove `echo`", param="echo")
+
+
+def _chat_logprobs(req: w.ChatCompletionRequest) -> int | None:
+    """Chat's `logprobs: true` and `top_logprobs: 0-20` -> how many alternatives (None: off)."""
+    if req.logprobs is not None and not isinstance(req.logprobs, bool):
+        raise BadRequest("logprobs is true or false in chat completions; the number of alternatives "
+                         "goes in top_logprobs (0-20)", param="logprobs")
+    top = req.top_logprobs
+    if top is not None and not 0 <= top <= 20:
+        raise BadRequest(f"top_logprobs must be 0 to 20, got {top}", param="top_logprobs")
+    if not req.logprobs:
+        if top:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def _completion_logprobs(req: w.CompletionRequest) -> int | None:
+    """Legacy completions' `logprobs: 0-5` (how many alternatives) -> the same (None: off)."""
+    value = req.logprobs
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not 0 <= value <= 5:
+        raise BadRequest(f"logprobs is a number of alternatives from 0 to 5 in completions, got {value!r}",
+                         param="logprobs")
+    return value
 
 
 def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
@@ -135,6 +160,7 @@ def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
         tools=tool_list,
         tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls,
+        logprobs=_chat_logprobs(req),
     )
 
 
@@ -163,6 +189,7 @@ def completion_request(req: w.CompletionRequest, prompt: str) -> GenerateRequest
         stop=_stop_list(req.stop),
         response_format=_response_format(req.response_format),
         user=req.user,
+        logprobs=_completion_logprobs(req),
     )
 
 
@@ -202,7 +229,8 @@ def tool_call_body(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return body
 
 
-def chat_choice(index: int, text: str, finish: str | None, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+def chat_choice(index: int, text: str, finish: str | None, calls: list[ToolCall] | None = None,
+                logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     """One non-streamed chat choice (content is null when the model only called tools, as OpenAI does)."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
     if calls:
@@ -211,9 +239,34 @@ def chat_choice(index: int, text: str, finish: str | None, calls: list[ToolCall]
     return {
         "index": index,
         "message": message,
-        "logprobs": None,
+        "logprobs": chat_logprobs(logprobs),
         "finish_reason": FINISH.get(finish or "stop", "stop"),
     }
+
+
+def _token_logprob(t: TokenLogprob) -> dict[str, Any]:
+    return {"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+
+
+def chat_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """Log probabilities as a chat choice carries them (None when not asked for)."""
+    if entries is None:
+        return None
+    return {"content": [{**_token_logprob(t), "top_logprobs": [_token_logprob(a) for a in t.top]}
+                        for t in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...] | None,
+                        offset: int = 0) -> dict[str, Any] | None:
+    """Log probabilities in the legacy completions shape; `offset` is where this text starts in the answer."""
+    if entries is None:
+        return None
+    offsets = []
+    for t in entries:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in entries], "token_logprobs": [t.logprob for t in entries],
+            "top_logprobs": [{a.token: a.logprob for a in t.top} for t in entries], "text_offset": offsets}
 
 
 def chat_response(rid: str, model: str, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
@@ -231,7 +284,8 @@ def chat_response(rid: str, model: str, choices: list[dict[str, Any]], usage: Us
 
 
 def chat_chunk(
-    rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None
+    rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A `chat.completion.chunk` with one choice."""
     return {
@@ -244,7 +298,7 @@ def chat_chunk(
             {
                 "index": index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": FINISH.get(finish, "stop") if finish else None,
             }
         ],
@@ -264,12 +318,12 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Usage) -> d
     }
 
 
-def completion_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One legacy completion choice."""
     return {
         "index": index,
         "text": text,
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": FINISH.get(finish or "stop", "stop") if finish is not None else None,
     }
 

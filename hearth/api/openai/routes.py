@@ -63,7 +63,9 @@ async def chat_completions(request: Request) -> Response:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
         return _stream_response(_chat_stream(rid, name, gens, req, include_usage), gens)
     results = await until_disconnect(request, serving.collect_all(gens, req))
-    choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls) for i, r in enumerate(results)]
+    lp = req.logprobs is not None
+    choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls, r.logprobs if lp else None)
+               for i, r in enumerate(results)]
     return JSONResponse(convert.chat_response(rid, name, choices, serving.total_usage(results)))
 
 
@@ -78,13 +80,15 @@ async def _chat_stream(
         yield sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None}, None))
     async for i, chunk in merge([aiter(g) for g in gens]):
         chunk: Chunk
+        logprobs = convert.chat_logprobs(chunk.logprobs) if req.logprobs is not None else None
         if chunk.text:
             texts[i] += chunk.text
-            yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None))
+            yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None, logprobs))
         if chunk.tool_calls:
             deltas = [convert.tool_call_body(c, calls[i] + k) for k, c in enumerate(chunk.tool_calls)]
             calls[i] += len(deltas)
-            yield sse(convert.chat_chunk(rid, created, model, i, {"tool_calls": deltas}, None))
+            yield sse(convert.chat_chunk(rid, created, model, i, {"tool_calls": deltas}, None,
+                                         None if chunk.text else logprobs))
         if chunk.finish_reason:
             if chunk.usage:
                 usages[i] = chunk.usage
@@ -118,7 +122,10 @@ async def completions(request: Request) -> Response:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
         return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage), gens)
     results = await until_disconnect(request, serving.collect_all(gens, reqs[0]))
-    choices = [convert.completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+    lp = reqs[0].logprobs is not None
+    choices = [convert.completion_choice(i, r.text, r.finish_reason,
+                                         convert.completion_logprobs(r.logprobs) if lp else None)
+               for i, r in enumerate(results)]
     usage = serving.total_usage(results)
     usage.prompt_tokens = sum(g.prompt_tokens for g in gens[:: wire.n])
     return JSONResponse(convert.completion_response(rid, int(time.time()), name, choices, usage))
@@ -131,10 +138,11 @@ async def _completion_stream(
     texts = ["" for _ in gens]
     completion_tokens = 0
     async for i, chunk in merge([aiter(g) for g in gens]):
+        logprobs = convert.completion_logprobs(chunk.logprobs, len(texts[i])) if req.logprobs is not None else None
         if chunk.text:
             texts[i] += chunk.text
         if chunk.text or chunk.finish_reason:
-            choice = convert.completion_choice(i, chunk.text, chunk.finish_reason)
+            choice = convert.completion_choice(i, chunk.text, chunk.finish_reason, logprobs)
             yield sse(convert.completion_response(rid, created, model, [choice], None))
         if chunk.finish_reason:
             completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0

@@ -26,6 +26,7 @@ from hearth.core.types import (
     GenerateRequest,
     LoadedModel,
     ModelInfo,
+    TokenLogprob,
     Usage,
 )
 from hearth.engines.llamacpp import tool_calls
@@ -97,7 +98,7 @@ class LlamaGeneration:
             msg = await self.box.get()
             kind = msg[0]
             if kind == "text":
-                yield Chunk(text=msg[2])
+                yield Chunk(text=msg[2], logprobs=tuple(map(_logprob, msg[3])) if len(msg) > 3 else ())
             elif kind == "done":
                 self._end()
                 u = msg[3]
@@ -137,6 +138,7 @@ class LlamaCppEngine:
 
     name = "local"
     supports_tools = True  # through the model's template, or hearth's tool prompt (tool_calls.py)
+    supports_logprobs = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -426,6 +428,13 @@ class LlamaCppEngine:
         """PID of a model's worker (for tests and `hearth ps`)."""
         sm = self.served.get(model_id)
         return sm.worker.pid if sm and sm.worker else None
+
+
+def _logprob(entry: tuple[bytes, float, list[tuple[bytes, float]]]) -> TokenLogprob:
+    """A worker's (bytes, logprob, alternatives) entry as the core type."""
+    raw, lp, top = entry
+    return TokenLogprob(token=raw.decode("utf-8", "replace"), logprob=lp, bytes=list(raw),
+                        top=[TokenLogprob(t.decode("utf-8", "replace"), v, list(t)) for t, v in top])
 
 
 def _renorm(vec: list[float]) -> list[float]:

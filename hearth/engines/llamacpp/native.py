@@ -146,6 +146,22 @@ class Model:
             return big.raw[:n]
         return self._piece.raw[:n]
 
+    def logprobs(self, index: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """Log probability of `token` under the model's raw distribution at batch
+        index `index` (before sampling settings), and the `top` likeliest tokens."""
+        import numpy as np
+
+        ptr = L.llama_get_logits_ith(self.ctx, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        lse = peak + math.log(float(np.exp(logits - peak).sum()))
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            ids = np.argpartition(-logits, top)[:top]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = [(int(i), float(logits[i] - lse)) for i in ids]
+        return float(logits[token] - lse), best
+
     def is_eog(self, token: int) -> bool:
         return bool(L.llama_vocab_is_eog(self.vocab, token))
 

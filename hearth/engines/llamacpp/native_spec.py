@@ -27,6 +27,7 @@ class SamplerSpec:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     grammar: str | None = None
+    logprobs: int = -1  # -1: off; N >= 0: the sampled token's log probability and the N likeliest
 
 
 def grammar_for(req: GenerateRequest) -> str | None:
@@ -50,7 +51,8 @@ def grammar_for(req: GenerateRequest) -> str | None:
 def sampler_spec(req: GenerateRequest) -> SamplerSpec:
     """Core sampling -> worker SamplerSpec (None fields keep llama.cpp defaults)."""
     s = req.sampling
-    spec = SamplerSpec(grammar=grammar_for(req), seed=s.seed, logit_bias=dict(s.logit_bias) or None)
+    spec = SamplerSpec(grammar=grammar_for(req), seed=s.seed, logit_bias=dict(s.logit_bias) or None,
+                       logprobs=-1 if req.logprobs is None else req.logprobs)
     for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                  "presence_penalty", "frequency_penalty"):
         value = getattr(s, name)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from hearth.core.structured import StructuredOutputError
-from hearth.core.types import Chunk
+from hearth.core.types import Chunk, TokenLogprob
 from hearth.engines.llamacpp import tool_calls
 
 
@@ -30,9 +30,11 @@ class ToolCallGeneration:
 
     async def _run(self) -> AsyncIterator[Chunk]:
         pending = ""  # text not sent yet
+        self.held: list[TokenLogprob] = []  # log probabilities of its tokens (when asked for)
         capturing = self.forced
         sent = False
         async for chunk in self.inner:
+            self.held.extend(chunk.logprobs)
             if chunk.text:
                 pending += chunk.text
                 if not capturing and (sent or pending.strip()):  # leading space: wait to see what follows
@@ -45,7 +47,7 @@ class ToolCallGeneration:
                         out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
                     if out:
                         sent = True
-                        yield Chunk(text=out)
+                        yield Chunk(text=out, logprobs=self._take())
             if chunk.finish_reason is not None:
                 for out in self._finish(pending, chunk):
                     yield out
@@ -61,11 +63,16 @@ class ToolCallGeneration:
                         "raise max_tokens (or num_predict) and retry", code="tool_call_incomplete")
                 raise StructuredOutputError(f"the model's tool call could not be read: {pending[:200]!r}",
                                             code="tool_call_invalid")
-            return [Chunk(text=pending), last] if pending else [last]
+            return [Chunk(text=pending, logprobs=self._take()), last] if pending else [last]
         before, calls = parsed
         out = [Chunk(text=before)] if before else []
-        out.append(Chunk(tool_calls=tuple(calls)))
+        out.append(Chunk(tool_calls=tuple(calls), logprobs=self._take()))
         out.append(Chunk(finish_reason="tool_calls", usage=last.usage))
+        return out
+
+    def _take(self) -> tuple[TokenLogprob, ...]:
+        """The log probabilities held so far (they go out with the next chunk)."""
+        out, self.held = tuple(self.held), []
         return out
 
     async def aclose(self) -> None:

@@ -43,6 +43,7 @@ class Seq:
     logits_at: int = -1
     t_admit: int = 0
     t_first: int = 0
+    logprobs: list[Any] = field(default_factory=list)  # entries of tokens whose text is not sent yet
 
 
 @dataclass
@@ -233,8 +234,15 @@ class Worker:
         ready = [(slot, slot.seq) for slot in self.slots if slot.seq is not None and slot.seq.logits_at >= 0]
         tokens = self.m.sample_all([(seq.sampler, seq.logits_at) for _, seq in ready])
         for (slot, seq), token in zip(ready, tokens):
+            if seq.spec.logprobs >= 0 and not self.m.is_eog(token):
+                seq.logprobs.append(self.logprob_entry(seq, token))
             self.take(slot, seq, token)
         return True
+
+    def logprob_entry(self, seq: Seq, token: int) -> tuple[bytes, float, list[tuple[bytes, float]]]:
+        """(token bytes, log probability, [(alternative bytes, log probability)...]) for the IPC message."""
+        lp, top = self.m.logprobs(seq.logits_at, token, seq.spec.logprobs)
+        return self.m.piece(token), lp, [(self.m.piece(t), v) for t, v in top]
 
     def step_fast(self) -> None:
         """One llama_decode: a token per generating sequence plus prompt chunks."""
@@ -382,16 +390,24 @@ class Worker:
         seq.last = token
         text = seq.out.push(m.piece(token))
         if text:
-            self.emit("text", seq.rid, text)
+            self.emit_text(seq, text)
         if seq.out.stopped:
             return self.finish(slot, seq, "stop")
         if seq.generated >= seq.max_tokens or len(slot.tokens) + 1 >= m.n_ctx_seq:
             return self.finish(slot, seq, "length")
 
+    def emit_text(self, seq: Seq, text: str) -> None:
+        """Send text, with the log probabilities of the tokens it holds when they were asked for."""
+        if seq.spec.logprobs >= 0:
+            self.emit("text", seq.rid, text, seq.logprobs)
+            seq.logprobs = []
+        else:
+            self.emit("text", seq.rid, text)
+
     def finish(self, slot: Slot, seq: Seq, reason: str) -> None:
         tail = seq.out.flush()
         if tail:
-            self.emit("text", seq.rid, tail)
+            self.emit_text(seq, tail)
         end = time.perf_counter_ns()
         first = seq.t_first or end
         usage = {
