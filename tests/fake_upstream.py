@@ -6,7 +6,8 @@ stall (never answers), stall_mid (one piece, then silence until the client
 hangs up, counted in `cut`), badjson (structured
 output that fails the schema), tools (a request with `tools` gets the calls
 in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
-`bad_args` the arguments are not a JSON object). `delay` slows every answer; `requests` counts
+`bad_args` the arguments are not a JSON object). A request for logprobs gets
+each piece as one token with logprob -0.5 and the alternatives asked for. `delay` slows every answer; `requests` counts
 generation calls; `bodies` keeps the JSON bodies received.
 """
 
@@ -140,7 +141,7 @@ class FakeUpstream:
                     await asyncio.sleep(0.02)
                 self.cut += 1  # the client (hearth) hung up
                 return resp
-            await resp.write(self._piece(piece, chat))
+            await resp.write(self._piece(piece, chat, self._wants_logprobs(body)))
         finish = "stop" if (body.get("response_format") or body.get("format")) else "length"
         await resp.write(self._end(chat, len(pieces), finish))
         return resp
@@ -169,11 +170,33 @@ class FakeUpstream:
         events.append({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 12}})
         return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
-    def _piece(self, text: str, chat: bool) -> bytes:
+    @staticmethod
+    def _wants_logprobs(body: dict[str, Any]) -> int | None:
+        """How many alternatives the request asked for (None: no logprobs)."""
+        lp = body.get("logprobs")
+        if lp is None or lp is False:
+            return None
+        return int(body.get("top_logprobs") or 0) if lp is True else int(lp)
+
+    @staticmethod
+    def _logprob_entry(text: str, top: int) -> dict[str, Any]:
+        """The piece as one token with logprob -0.5, and `top` alternatives (the piece first)."""
+        alts = [{"token": text, "logprob": -0.5, "bytes": list(text.encode())}]
+        alts += [{"token": f"alt{k}", "logprob": -1.0 - k, "bytes": list(f"alt{k}".encode())} for k in range(1, top)]
+        return {"token": text, "logprob": -0.5, "bytes": list(text.encode()), "top_logprobs": alts[:top]}
+
+    def _piece(self, text: str, chat: bool, logprobs: int | None = None) -> bytes:
+        entry = None if logprobs is None else self._logprob_entry(text, logprobs)
         if self.kind == "ollama":
             key = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
-            return (json.dumps({"model": "m", **key, "done": False}) + "\n").encode()
-        choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+            extra = {"logprobs": [entry]} if entry else {}
+            return (json.dumps({"model": "m", **key, **extra, "done": False}) + "\n").encode()
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+        if entry and chat:
+            choice["logprobs"] = {"content": [entry]}
+        elif entry:
+            choice["logprobs"] = {"tokens": [text], "token_logprobs": [-0.5], "text_offset": [0],
+                                  "top_logprobs": [{a["token"]: a["logprob"] for a in entry["top_logprobs"]}]}
         return b"data: " + json.dumps({"id": "x", "choices": [{**choice, "finish_reason": None}]}).encode() + b"\n\n"
 
     def _end(self, chat: bool, n: int, finish: str) -> bytes:

@@ -109,6 +109,24 @@ def test_tools_and_a_tool_history_from_either_dialect_are_accepted(server: Serve
     assert reply.done and (reply.message.content or reply.message.tool_calls)
 
 
+def test_logprobs_from_llama_server_in_both_dialects(server: Server) -> None:
+    """llama-server computes them; hearth asks in its shape and hands them on in each dialect's."""
+    ask = [{"role": "user", "content": "Name a fruit."}]
+    oa = openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=180)
+    out = oa.chat.completions.create(model=MODEL, messages=ask, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                     logprobs=True, top_logprobs=2)
+    entries = out.choices[0].logprobs.content if out.choices[0].logprobs else None
+    assert entries and "".join(e.token for e in entries) == out.choices[0].message.content
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+    done = oa.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, logprobs=1)
+    lp = done.choices[0].logprobs
+    assert lp and lp.tokens and "".join(lp.tokens) == done.choices[0].text
+    parts = list(ollama.Client(host=server.url, timeout=180).chat(
+        model=MODEL, messages=ask, stream=True, logprobs=True, options={"num_predict": 6, "temperature": 0}))
+    got = [e for p in parts for e in p.logprobs or []]
+    assert got and "".join(e.token for e in got) == "".join(p.message.content for p in parts)
+
+
 def test_shown_by_api_ps_and_hearth_ps(server: Server) -> None:
     assert MODEL in loaded_names(server)
     out = subprocess.run([sys.executable, "-m", "hearth", "ps", "--url", server.url],

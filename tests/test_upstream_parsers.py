@@ -116,3 +116,30 @@ def test_sse_tool_call_deltas_without_index_continue_the_last_call() -> None:
               '{"id":"b","function":{"name":"g","arguments":"{}"}}']
     p.feed(sse(*(f'{{"choices":[{{"delta":{{"tool_calls":[{d}]}}}}]}}' for d in deltas)))
     assert [(c.id, c.name, c.arguments) for c in p.tool_calls()] == [("a", "f", '{"x": 1}'), ("b", "g", "{}")]
+
+
+def test_logprobs_in_each_shape_and_trimmed_to_what_was_asked() -> None:
+    chat = SSEParser(chat=True)
+    chat.feed(sse('{"choices":[{"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi","logprob":-0.1,'
+                  '"top_logprobs":[{"token":"Hi","logprob":-0.1},{"token":"Yo","logprob":-2.5}]}]}}]}'))
+    (one,) = chat.take_logprobs(1)
+    assert (one.token, one.logprob, one.bytes, [a.token for a in one.top]) == ("Hi", -0.1, list(b"Hi"), ["Hi"])
+    assert chat.take_logprobs(1) == ()  # handed out once
+    legacy = SSEParser(chat=False)
+    legacy.feed(sse('{"choices":[{"text":"a b","logprobs":{"tokens":["a"," b"],"token_logprobs":[-1.0,-2.0],'
+                    '"top_logprobs":[{"a":-1.0},{" b":-2.0}],"text_offset":[0,1]}}]}'))
+    assert [(e.token, e.logprob, [a.token for a in e.top]) for e in legacy.take_logprobs(None)] == \
+        [("a", -1.0, ["a"]), (" b", -2.0, [" b"])]
+    olla = NDJSONParser(chat=True)
+    olla.feed([b'{"message":{"content":"x"},"logprobs":[{"token":"x","logprob":-0.3,"bytes":[120]}],"done":false}'])
+    assert [e.token for e in olla.take_logprobs(0)] == ["x"] and olla.logprobs_seen
+
+
+@pytest.mark.parametrize("line", [
+    b'{"message":{"content":"x"},"logprobs":{"token":"x"},"done":false}',
+    b'{"message":{"content":"x"},"logprobs":[{"token":"x"}],"done":false}',
+    b'{"message":{"content":"x"},"logprobs":[{"token":5,"logprob":-1}],"done":false}',
+])
+def test_malformed_logprobs_are_named(line: bytes) -> None:
+    with pytest.raises(UpstreamError, match="logprobs"):
+        NDJSONParser(chat=True).feed([line])

@@ -63,6 +63,7 @@ class UpstreamEngine:
 
     passes_format_through = True  # the upstream enforces schemas; hearth validates the result
     supports_tools = True  # tools and tool calls pass through, translated between dialects
+    supports_logprobs = True  # asked of the upstream, translated between dialects
 
     def __init__(self, name: str, cfg: UpstreamEntry, api_key: Secret | None = None) -> None:
         self.name = name
@@ -390,7 +391,7 @@ class UpstreamGeneration:
         try:
             async for text in self._texts():
                 texts.append(text)
-                yield Chunk(text=text)
+                yield Chunk(text=text, logprobs=parser.take_logprobs(self.req.logprobs))
             eng.pool.succeeded(self.replica)
             calls = parser.tool_calls()
             finish = parser.finish or "stop"
@@ -400,8 +401,11 @@ class UpstreamGeneration:
                 self._check_format("".join(texts), finish)
             usage = parser.final_usage()
             usage.total_ns = usage.total_ns or time.perf_counter_ns() - self._t0
+            if self.req.logprobs is not None and texts and not parser.logprobs_seen:
+                log.warning("upstream %r sent no logprobs for %s (it may not support them)", eng.name, self.model)
             eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
-            yield Chunk(finish_reason=finish, usage=usage, tool_calls=tuple(calls))  # type: ignore[arg-type]
+            yield Chunk(finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
+                        logprobs=parser.take_logprobs(self.req.logprobs))
         except HearthError:
             eng._audit(self.model, 0, parser.pieces, "error")
             raise

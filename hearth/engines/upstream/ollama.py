@@ -77,6 +77,8 @@ class OllamaWire:
             path = "/api/generate"
             body["prompt"] = req.prompt or ""
             body["raw"] = True  # core prompts are already rendered
+        if req.logprobs is not None:
+            body["logprobs"], body["top_logprobs"] = True, req.logprobs
         fmt = _format(req)
         if fmt is not None:
             body["format"] = fmt
@@ -168,6 +170,8 @@ class NDJSONParser(StreamParser):
                 self.calls.append(ToolCall(name=fn.get("name") or "", arguments=tools.arguments_text(fn.get("arguments")),
                                            id=call.get("id") or tools.new_call_id()))
                 self.calls_seen = True
+        if event.get("logprobs"):
+            self.add_logprobs(event["logprobs"])
         if event.get("done"):
             self.done = True
             self.finish = DONE.get(event.get("done_reason") or "stop", "stop")

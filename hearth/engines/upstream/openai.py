@@ -88,9 +88,13 @@ class OpenAIWire:
             for key in ("tool_choice", "parallel_tool_calls"):
                 if getattr(req, key) is not None:
                     body[key] = getattr(req, key)
+            if req.logprobs is not None:  # at least 1: llama-server sends no logprobs at all for 0
+                body["logprobs"], body["top_logprobs"] = True, max(1, req.logprobs)
         else:
             path = "/v1/completions"
             body["prompt"] = req.prompt or ""
+            if req.logprobs is not None:
+                body["logprobs"] = max(1, req.logprobs)
         self._sampling(body, req, drop)
         if req.max_tokens is not None:
             body["max_completion_tokens" if self.cloud and req.messages is not None else "max_tokens"] = req.max_tokens
@@ -182,12 +186,30 @@ class SSEParser(StreamParser):
         choice = choices[0]
         if choice.get("finish_reason"):
             self.finish = FINISH.get(choice["finish_reason"], "stop")
+        if choice.get("logprobs"):
+            self._logprobs(choice["logprobs"])
         if not self.chat:
             return choice.get("text") or ""
         delta = choice.get("delta") or {}
         if delta.get("tool_calls"):
             self._tool_deltas(delta["tool_calls"])
         return delta.get("content") or ""
+
+    def _logprobs(self, lp: Any) -> None:
+        """Chat's `{content: [...]}` (llama-server sends it for completions too) or legacy completions'
+        parallel lists."""
+        if not isinstance(lp, dict):
+            raise UpstreamError(f"sent logprobs that are not an object: {lp!r:.120}")
+        if self.chat or "content" in lp:
+            self.add_logprobs(lp.get("content") or [])
+            return
+        tokens, values = lp.get("tokens") or [], lp.get("token_logprobs") or []
+        tops = lp.get("top_logprobs") or [None] * len(tokens)
+        if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)):
+            raise UpstreamError(f"sent completion logprobs that are not lists: {lp!r:.120}")
+        self.add_logprobs([
+            {"token": t, "logprob": v, "top_logprobs": [{"token": k, "logprob": x} for k, x in (top or {}).items()]}
+            for t, v, top in zip(tokens, values, tops)])
 
     def _tool_deltas(self, deltas: list[Any]) -> None:
         """Pieces of tool calls: the first of a call has its id and name, the rest add to its arguments."""

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from hearth.core.errors import UpstreamError
-from hearth.core.types import ToolCall, Usage
+from hearth.core.types import TokenLogprob, ToolCall, Usage
 
 
 class StreamParser:
@@ -25,6 +25,8 @@ class StreamParser:
         self.pieces = 0
         self.calls: list[ToolCall] = []
         self.calls_seen = False  # a tool call has begun (progress, for the idle timeout)
+        self.logprobs: list[TokenLogprob] = []  # of text not handed out yet
+        self.logprobs_seen = False
 
     def payload(self, line: bytes) -> bytes | None:
         """The JSON of one line; None for lines without one (may set `done`)."""
@@ -69,9 +71,38 @@ class StreamParser:
         """The tool calls the stream made, whole."""
         return self.calls
 
+    def take_logprobs(self, top: int | None) -> tuple[TokenLogprob, ...]:
+        """Log probabilities that came since the last call (they go with the text of the same reads),
+        with at most `top` alternatives each (an upstream may have been asked for more)."""
+        out, self.logprobs = tuple(self.logprobs), []
+        if top is not None:
+            for e in out:
+                del e.top[top:]
+        return out
+
+    def add_logprobs(self, entries: Any) -> None:
+        """Entries shaped `{token, logprob, bytes?, top_logprobs?: [{token, logprob, bytes?}]}`
+        (OpenAI chat and Ollama alike)."""
+        if not isinstance(entries, list):
+            raise UpstreamError(f"sent logprobs that are not a list: {entries!r:.120}")
+        for e in entries:
+            one = _entry(e)
+            one.top = [_entry(a) for a in (e.get("top_logprobs") or [])]
+            self.logprobs.append(one)
+        self.logprobs_seen = True
+
     def final_usage(self) -> Usage:
         """Usage reported by the upstream, or pieces counted when it sent none."""
         return self.usage or Usage(completion_tokens=self.pieces)
+
+
+def _entry(e: Any) -> TokenLogprob:
+    if not isinstance(e, dict) or not isinstance(e.get("token"), str) or \
+            not isinstance(e.get("logprob"), (int, float)):
+        raise UpstreamError(f"sent a logprobs entry without token and logprob: {e!r:.120}")
+    raw = e.get("bytes")
+    return TokenLogprob(token=e["token"], logprob=float(e["logprob"]),
+                        bytes=list(raw) if isinstance(raw, list) else list(e["token"].encode()))
 
 
 def _parses(payload: bytes) -> bool:
