@@ -145,6 +145,19 @@ def test_completions(client: openai.OpenAI, real_server: Server) -> None:
     validate(raw, "CreateCompletionResponse")
 
 
+def test_completions_echo(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0)
+    echoed = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4,
+                                       temperature=0, echo=True, n=2)
+    assert [c.text for c in echoed.choices] == [
+        p + c.text for p, c in zip(["The sky is"] * 2 + ["Water is"] * 2, [plain.choices[0]] * 2 + [plain.choices[1]] * 2)]
+    stream = list(client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == "The sky is" + plain.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1)
+
+
 def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
     f = client.embeddings.create(model=MODEL, input=["hello world", "goodbye"])
     assert len(f.data) == 2 and f.usage.prompt_tokens > 0

@@ -110,7 +110,7 @@ def _message(msg: w.ChatMessage, i: int) -> Message:
 
 def _reject_unsupported(req: w.SamplingFields) -> None:
     if req.echo:
-        raise BadRequest("echo is not supported; remove `echo`", param="echo")
+        raise BadRequest("echo is a completions parameter; remove `echo`", param="echo")
 
 
 def _chat_logprobs(req: w.ChatCompletionRequest) -> int | None:
@@ -177,8 +177,10 @@ def completion_prompts(req: w.CompletionRequest) -> list[str]:
 
 
 def completion_request(req: w.CompletionRequest, prompt: str) -> GenerateRequest:
-    """OpenAI legacy completion (one prompt) -> core GenerateRequest."""
-    _reject_unsupported(req)
+    """OpenAI legacy completion (one prompt) -> core GenerateRequest (`echo` is applied by the route)."""
+    if req.echo and req.logprobs is not None and req.logprobs is not False:
+        raise BadRequest("echo with logprobs (scoring the prompt) is not supported; drop one of them",
+                         param="echo")
     if req.suffix:
         raise BadRequest("suffix (fill-in-the-middle) is not supported; remove `suffix`", param="suffix")
     return GenerateRequest(

@@ -118,12 +118,14 @@ async def completions(request: Request) -> Response:
             await g.aclose()
         raise
     rid = serving.new_id("cmpl")
+    # echo: each choice starts with its prompt
+    echoes = [r.prompt or "" if wire.echo else "" for r in reqs for _ in range(wire.n)]
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage), gens)
+        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage, echoes), gens)
     results = await until_disconnect(request, serving.collect_all(gens, reqs[0]))
     lp = reqs[0].logprobs is not None
-    choices = [convert.completion_choice(i, r.text, r.finish_reason,
+    choices = [convert.completion_choice(i, echoes[i] + r.text, r.finish_reason,
                                          convert.completion_logprobs(r.logprobs) if lp else None)
                for i, r in enumerate(results)]
     usage = serving.total_usage(results)
@@ -132,11 +134,14 @@ async def completions(request: Request) -> Response:
 
 
 async def _completion_stream(
-    rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool
+    rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool, echoes: list[str]
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     texts = ["" for _ in gens]
     completion_tokens = 0
+    for i, echo in enumerate(echoes):
+        if echo:
+            yield sse(convert.completion_response(rid, created, model, [convert.completion_choice(i, echo, None)], None))
     async for i, chunk in merge([aiter(g) for g in gens]):
         logprobs = convert.completion_logprobs(chunk.logprobs, len(texts[i])) if req.logprobs is not None else None
         if chunk.text:
