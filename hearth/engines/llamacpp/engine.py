@@ -306,8 +306,9 @@ class LlamaCppEngine:
         sm = self._served(model)
         tools = tool_calls.active_tools(req) if req.is_chat else []
         if tools and req.response_format.type != "text":
-            raise BadRequest("the in-box engine cannot enforce response_format on an answer that may be a "
-                             "tool call; send either `tools` or `response_format`", param="response_format")
+            raise BadRequest("the in-box engine cannot enforce a JSON format on an answer that may be a "
+                             "tool call; send either `tools` or `response_format` (Ollama: `format`)",
+                             param="response_format")
         worker, load_ns = await self._worker(sm, req.keep_alive)
         self._admit(worker)
         prompt, add_special = self._prompt(sm, req)
