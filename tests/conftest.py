@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import ollama
+import openai
 import pytest
 
 
@@ -115,6 +117,18 @@ def config_server(tmp_path_factory: pytest.TempPathFactory, name: str, config: s
 def real_server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
     """`hearth serve` on the real bundled model (session-wide)."""
     yield from model_server(tmp_path_factory, models_cache, "real-home", {"HEARTH_SLOTS": "8"})
+
+
+@pytest.fixture(scope="session")
+def openai_real(real_server: Server) -> openai.OpenAI:
+    """The real openai client on the real-model server (no retries, a slow-machine timeout)."""
+    return openai.OpenAI(base_url=real_server.v1, api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ollama_real(real_server: Server) -> ollama.Client:
+    """The real ollama client on the real-model server."""
+    return ollama.Client(host=real_server.url, timeout=120)
 
 
 @pytest.fixture

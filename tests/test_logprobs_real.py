@@ -19,22 +19,12 @@ MODEL = "gemma3-270m:latest"
 ASK: list[Any] = [{"role": "user", "content": "Name three fruits."}]
 
 
-@pytest.fixture(scope="module")
-def client(real_server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=real_server.v1, api_key="x", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def olla(real_server: Server) -> ollama.Client:
-    return ollama.Client(host=real_server.url, timeout=120)
-
-
 def check_entries(entries: list[Any], text: str, top: int) -> None:
     """One entry per token, in order, adding up to the text; greedy picks the likeliest."""
     assert "".join(e.token for e in entries) == text
     for e in entries:
         assert e.logprob <= 0
-        raw = getattr(e, "bytes", None)  # the ollama client's type has no `bytes` (the API sends them)
+        raw = getattr(e, "bytes", None)  # the ollama openai_real's type has no `bytes` (the API sends them)
         assert raw is None or bytes(raw).decode("utf-8", "replace") == e.token
         alts = e.top_logprobs or []
         assert len(alts) == top
@@ -44,22 +34,22 @@ def check_entries(entries: list[Any], text: str, top: int) -> None:
             assert (alts[0].token, alts[0].logprob) == (e.token, pytest.approx(e.logprob))
 
 
-def test_chat_logprobs(client: openai.OpenAI, real_server: Server) -> None:
-    resp = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
+def test_chat_logprobs(openai_real: openai.OpenAI, real_server: Server) -> None:
+    resp = openai_real.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
                                           logprobs=True, top_logprobs=3)
     choice = resp.choices[0]
     assert choice.logprobs and choice.logprobs.content
     check_entries(choice.logprobs.content, choice.message.content or "", 3)
     assert resp.usage and len(choice.logprobs.content) == resp.usage.completion_tokens
-    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
+    plain = openai_real.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == choice.message.content
     body = {"model": MODEL, "messages": ASK, "max_tokens": 5, "logprobs": True, "top_logprobs": 2}
     validate(httpx.post(real_server.v1 + "/chat/completions", json=body, timeout=120).json(),
              "CreateChatCompletionResponse")
 
 
-def test_chat_logprobs_stream_with_each_piece(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
+def test_chat_logprobs_stream_with_each_piece(openai_real: openai.OpenAI) -> None:
+    chunks = list(openai_real.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
                                                  logprobs=True, stream=True))
     text, entries = "", []
     for c in chunks:
@@ -72,15 +62,15 @@ def test_chat_logprobs_stream_with_each_piece(client: openai.OpenAI) -> None:
     assert len(entries) == 12
 
 
-def test_n_choices_each_have_their_own(client: openai.OpenAI) -> None:
-    resp = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=6, n=2, seed=5,
+def test_n_choices_each_have_their_own(openai_real: openai.OpenAI) -> None:
+    resp = openai_real.chat.completions.create(model=MODEL, messages=ASK, max_tokens=6, n=2, seed=5,
                                           temperature=1.0, logprobs=True)
     for choice in resp.choices:
         assert choice.logprobs and "".join(e.token for e in choice.logprobs.content or []) == choice.message.content
 
 
-def test_completion_logprobs(client: openai.OpenAI, real_server: Server) -> None:
-    resp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+def test_completion_logprobs(openai_real: openai.OpenAI, real_server: Server) -> None:
+    resp = openai_real.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
                                      temperature=0, logprobs=2)
     lp = resp.choices[0].logprobs
     text = resp.choices[0].text
@@ -99,11 +89,11 @@ def test_completion_logprobs(client: openai.OpenAI, real_server: Server) -> None
     assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]  # offsets run across pieces
 
 
-def test_ollama_generate_and_chat_logprobs(olla: ollama.Client, real_server: Server) -> None:
-    g = olla.generate(model=MODEL, prompt="The capital of France is", logprobs=True, top_logprobs=2,
+def test_ollama_generate_and_chat_logprobs(ollama_real: ollama.Client, real_server: Server) -> None:
+    g = ollama_real.generate(model=MODEL, prompt="The capital of France is", logprobs=True, top_logprobs=2,
                       options={"num_predict": 6, "temperature": 0})
     check_entries(g.logprobs or [], g.response, 2)
-    parts = list(olla.chat(model=MODEL, messages=ASK, logprobs=True, stream=True,
+    parts = list(ollama_real.chat(model=MODEL, messages=ASK, logprobs=True, stream=True,
                            options={"num_predict": 6, "temperature": 0}))
     entries = [e for p in parts for e in p.logprobs or []]
     check_entries(entries, "".join(p.message.content for p in parts), 0)
@@ -112,7 +102,7 @@ def test_ollama_generate_and_chat_logprobs(olla: ollama.Client, real_server: Ser
             "options": {"num_predict": 3}}
     validate(httpx.post(real_server.url + "/api/chat", json=body, timeout=120).json(), "ChatResponse",
              "ollama-openapi.yaml")
-    assert olla.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}).logprobs is None
+    assert ollama_real.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}).logprobs is None
 
 
 @pytest.mark.parametrize(("path", "extra", "says"), [

@@ -41,20 +41,10 @@ OLLAMA_HISTORY: list[Any] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def client(real_server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=real_server.v1, api_key="x", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def olla(real_server: Server) -> ollama.Client:
-    return ollama.Client(host=real_server.url, timeout=120)
-
-
-def test_named_function_is_called_with_valid_arguments(client: openai.OpenAI, real_server: Server) -> None:
+def test_named_function_is_called_with_valid_arguments(openai_real: openai.OpenAI, real_server: Server) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2 plus 3?"}], "tools": TOOLS,
             "tool_choice": {"type": "function", "function": {"name": "add"}}, "temperature": 0, "max_tokens": 60}
-    resp = client.chat.completions.create(**body)
+    resp = openai_real.chat.completions.create(**body)
     choice = resp.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     calls = choice.message.tool_calls or []
@@ -65,8 +55,8 @@ def test_named_function_is_called_with_valid_arguments(client: openai.OpenAI, re
              "CreateChatCompletionResponse")
 
 
-def test_required_streams_one_whole_call(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+def test_required_streams_one_whole_call(openai_real: openai.OpenAI) -> None:
+    stream = openai_real.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                             temperature=0, max_tokens=80, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
@@ -80,33 +70,33 @@ def test_required_streams_one_whole_call(client: openai.OpenAI) -> None:
     assert chunks[-1].usage and chunks[-1].usage.completion_tokens > 0
 
 
-def test_parallel_calls_only_when_asked(client: openai.OpenAI) -> None:
+def test_parallel_calls_only_when_asked(openai_real: openai.OpenAI) -> None:
     """One call unless parallel_tool_calls is true. This small model, allowed more, goes on calling
     until max_tokens: that is a 422 saying so, never a call cut in half returned as success."""
     ask = [{"role": "user", "content": "Weather in Paris and in Rome?"}]
-    one = client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS[:1], tool_choice="required",
+    one = openai_real.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS[:1], tool_choice="required",
                                          temperature=0, max_tokens=200)
     assert len(one.choices[0].message.tool_calls or []) == 1 and one.choices[0].finish_reason == "tool_calls"
     assert one.usage and one.usage.completion_tokens < 60  # it stopped after its call
     with pytest.raises(openai.UnprocessableEntityError) as err:
-        client.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS[:1], tool_choice="required",
+        openai_real.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS[:1], tool_choice="required",
                                        temperature=0, max_tokens=200, parallel_tool_calls=True)
     assert err.value.code == "tool_call_incomplete" and "raise max_tokens" in str(err.value)
 
 
-def test_ollama_history_with_results_and_auto_call(olla: ollama.Client) -> None:
-    res = olla.chat(model=MODEL, messages=OLLAMA_HISTORY, tools=TOOLS, options={"temperature": 0, "num_predict": 60})
+def test_ollama_history_with_results_and_auto_call(ollama_real: ollama.Client) -> None:
+    res = ollama_real.chat(model=MODEL, messages=OLLAMA_HISTORY, tools=TOOLS, options={"temperature": 0, "num_predict": 60})
     calls = res.message.tool_calls or []
     # The model's own call text, read back: arguments are an object in Ollama's dialect.
     assert calls and calls[0].function.name == "get_weather", res.message
     assert isinstance(calls[0].function.arguments, dict) and calls[0].function.arguments.get("city") == "Paris"
     assert res.done_reason == "stop" and "<tool_call>" not in (res.message.content or "")
-    without = olla.chat(model=MODEL, messages=ASK, tools=TOOLS, options={"temperature": 0, "num_predict": 1})
+    without = ollama_real.chat(model=MODEL, messages=ASK, tools=TOOLS, options={"temperature": 0, "num_predict": 1})
     assert (res.prompt_eval_count or 0) > (without.prompt_eval_count or 0) + 15  # the call and result were rendered
 
 
-def test_ollama_stream_sends_the_call_as_one_piece(olla: ollama.Client, real_server: Server) -> None:
-    parts = list(olla.chat(model=MODEL, messages=OLLAMA_HISTORY, tools=TOOLS, stream=True,
+def test_ollama_stream_sends_the_call_as_one_piece(ollama_real: ollama.Client, real_server: Server) -> None:
+    parts = list(ollama_real.chat(model=MODEL, messages=OLLAMA_HISTORY, tools=TOOLS, stream=True,
                            options={"temperature": 0, "num_predict": 60}))
     calls = [c for p in parts for c in p.message.tool_calls or []]
     assert [c.function.name for c in calls] == ["get_weather"]
@@ -118,24 +108,24 @@ def test_ollama_stream_sends_the_call_as_one_piece(olla: ollama.Client, real_ser
              "ollama-openapi.yaml")
 
 
-def test_openai_history_answers_after_a_tool_result(client: openai.OpenAI) -> None:
+def test_openai_history_answers_after_a_tool_result(openai_real: openai.OpenAI) -> None:
     """An OpenAI-shaped history (ids, arguments as text) renders too; tool_choice none gives text only."""
     history = [*ASK,
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": "c1", "type": "function", "function": {"name": "get_weather",
                                                                  "arguments": '{"city": "Paris", "unit": "C"}'}}]},
                {"role": "tool", "tool_call_id": "c1", "content": "18 degrees and sunny"}]
-    resp = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
+    resp = openai_real.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
                                           temperature=0, max_tokens=20)
     assert resp.choices[0].message.tool_calls is None and resp.choices[0].finish_reason in ("stop", "length")
     assert resp.usage and resp.usage.prompt_tokens > 40
 
 
-def test_tools_with_response_format_is_a_clear_400(client: openai.OpenAI) -> None:
+def test_tools_with_response_format_is_a_clear_400(openai_real: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, response_format={"type": "json_object"})
+        openai_real.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, response_format={"type": "json_object"})
     assert "either `tools` or `response_format`" in str(err.value)
 
 
-def test_in_box_models_show_the_tools_capability(olla: ollama.Client) -> None:
-    assert "tools" in (olla.show(MODEL).capabilities or [])
+def test_in_box_models_show_the_tools_capability(ollama_real: ollama.Client) -> None:
+    assert "tools" in (ollama_real.show(MODEL).capabilities or [])

@@ -200,3 +200,15 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
     finally:
         for t in tasks:
             t.cancel()
+
+
+def logprobs_setting(enabled: bool | None, top: int | None) -> int | None:
+    """`logprobs: true` with `top_logprobs: 0-20` (OpenAI chat and Ollama alike) -> how many
+    alternatives per token, or None when log probabilities are off."""
+    if top is not None and not 0 <= top <= 20:
+        raise BadRequest(f"top_logprobs must be 0 to 20, got {top}", param="top_logprobs")
+    if not enabled:
+        if top:
+            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0

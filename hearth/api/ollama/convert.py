@@ -17,6 +17,7 @@ import re
 import time
 from typing import Any
 
+from hearth.api.common import logprobs_setting
 from hearth.api.ollama import schemas as w
 from hearth.api.ollama.template import render_template
 from hearth.core import tools
@@ -164,18 +165,6 @@ def _reject_unsupported(wire: w.GenerationFields) -> None:
         )
 
 
-def logprobs_of(wire: w.GenerationFields) -> int | None:
-    """`logprobs: true` and `top_logprobs: 0-20` -> how many alternatives per token (None: off)."""
-    top = wire.top_logprobs
-    if top is not None and not 0 <= top <= 20:
-        raise BadRequest(f"top_logprobs must be 0 to 20, got {top}", param="top_logprobs")
-    if not wire.logprobs:
-        if top:
-            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-        return None
-    return top or 0
-
-
 def _message(msg: w.ChatMessage, i: int) -> Message:
     images = decode_images(msg.images, f"messages[{i}].images")
     return Message(role=msg.role, content=msg.content or "", images=images, tool_calls=tools.calls_of(msg.tool_calls),
@@ -191,7 +180,7 @@ def chat_request(wire: w.ChatRequest) -> GenerateRequest:
         response_format=response_format(wire.format),
         keep_alive=parse_keep_alive(wire.keep_alive),
         tools=tools.check_tools(wire.tools),
-        logprobs=logprobs_of(wire),
+        logprobs=logprobs_setting(wire.logprobs, wire.top_logprobs),
     )
     return apply_options(req, wire.options)
 
@@ -223,7 +212,7 @@ def generate_request(wire: w.GenerateRequest) -> GenerateRequest:
     _check_generate(wire)
     prompt = wire.prompt or ""
     req = GenerateRequest(model=wire.model, response_format=response_format(wire.format),
-                          keep_alive=parse_keep_alive(wire.keep_alive), logprobs=logprobs_of(wire))
+                          keep_alive=parse_keep_alive(wire.keep_alive), logprobs=logprobs_setting(wire.logprobs, wire.top_logprobs))
     images = decode_images(wire.images, "images")
     if wire.raw or not (prompt or images):
         req.prompt = prompt

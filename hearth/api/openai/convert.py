@@ -7,6 +7,7 @@ import struct
 import time
 from typing import Any
 
+from hearth.api.common import logprobs_setting
 from hearth.api.openai import schemas as w
 from hearth.core import tools
 from hearth.core.errors import BadRequest, HearthError
@@ -118,14 +119,7 @@ def _chat_logprobs(req: w.ChatCompletionRequest) -> int | None:
     if req.logprobs is not None and not isinstance(req.logprobs, bool):
         raise BadRequest("logprobs is true or false in chat completions; the number of alternatives "
                          "goes in top_logprobs (0-20)", param="logprobs")
-    top = req.top_logprobs
-    if top is not None and not 0 <= top <= 20:
-        raise BadRequest(f"top_logprobs must be 0 to 20, got {top}", param="top_logprobs")
-    if not req.logprobs:
-        if top:
-            raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-        return None
-    return top or 0
+    return logprobs_setting(req.logprobs, req.top_logprobs)
 
 
 def _completion_logprobs(req: w.CompletionRequest) -> int | None:
