@@ -152,15 +152,17 @@ class Model:
         import numpy as np
 
         ptr = L.llama_get_logits_ith(self.ctx, index)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
-        peak = logits.max()
-        lse = peak + math.log(float(np.exp(logits - peak).sum()))
+        # float32 over the vocabulary (a view of llama.cpp's buffer, not a copy), the sum in float64:
+        # ~0.8 ms per token for 262k entries here, against ~5 ms in float64 throughout.
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        peak = float(logits.max())
+        lse = peak + math.log(float(np.exp(logits - peak).sum(dtype=np.float64)))
         best: list[tuple[int, float]] = []
         if top > 0:
-            ids = np.argpartition(-logits, top)[:top]
+            ids = np.argpartition(logits, -top)[-top:]
             ids = ids[np.argsort(-logits[ids], kind="stable")]
-            best = [(int(i), float(logits[i] - lse)) for i in ids]
-        return float(logits[token] - lse), best
+            best = [(int(i), float(logits[i]) - lse) for i in ids]
+        return float(logits[token]) - lse, best
 
     def is_eog(self, token: int) -> bool:
         return bool(L.llama_vocab_is_eog(self.vocab, token))
