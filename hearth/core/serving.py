@@ -87,11 +87,11 @@ def check_tool_support(engine: Engine, info: ModelInfo, req: GenerateRequest) ->
 
 
 def check_logprob_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
-    """Log probabilities come only from engines that compute them (the in-box engine)."""
+    """Log probabilities come only from engines that give them (the in-box engine, upstreams)."""
     if req.logprobs is not None and not getattr(engine, "supports_logprobs", False):
         raise BadRequest(
             f"model {info.id!r} is served by engine {engine.name!r}, which does not return log probabilities; "
-            "remove `logprobs`, or use a model on the in-box engine",
+            "remove `logprobs`, or use a model on the in-box engine or an upstream",
             param="logprobs",
         )
 
