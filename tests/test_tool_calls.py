@@ -175,6 +175,23 @@ def test_grammar_required_offers_every_tool_and_parallel_only_when_asked() -> No
     assert not tool_calls.forced(_req("none")) and tool_calls.active_tools(_req("none")) == []
 
 
+def test_auto_gets_a_lazy_grammar_that_falls_back_to_none_unless_strict() -> None:
+    g, triggers = tool_calls.sampling_grammar(_req("auto"))
+    assert triggers == [tool_calls.TRIGGER] and g and "[ \\t\\n]*" in g  # the model lays the call out freely
+    assert tool_calls.sampling_grammar(_req("required"))[1] is None  # forced: from the first token
+    import re
+    m = re.fullmatch(tool_calls.TRIGGER, 'Sure, let me look.\n<tool_call>\n{"name": "add"')
+    assert m and m.group(1).startswith("<tool_call>")
+    assert re.fullmatch(tool_calls.TRIGGER, "no call here") is None
+    recursive = {"type": "function", "function": {"name": "tree", "parameters": {
+        "type": "object", "properties": {"child": {"$ref": "#"}}}}}
+    req = GenerateRequest(model="m", messages=[], tools=[recursive], tool_choice="auto")
+    assert tool_calls.sampling_grammar(req) == (None, None)  # unconstrained, still parsed
+    req.tools = [{**recursive, "function": {**recursive["function"], "strict": True}}]
+    with pytest.raises(BadRequest):
+        tool_calls.sampling_grammar(req)
+
+
 def test_strict_function_fails_closed_on_keywords_the_grammar_cannot_enforce() -> None:
     email = {"type": "object", "properties": {"to": {"type": "string", "format": "email"}}, "required": ["to"]}
     loose = {"type": "function", "function": {"name": "mail", "parameters": email}}

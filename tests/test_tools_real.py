@@ -70,6 +70,21 @@ def test_required_streams_one_whole_call(openai_real: openai.OpenAI) -> None:
     assert chunks[-1].usage and chunks[-1].usage.completion_tokens > 0
 
 
+def test_auto_text_then_a_call_that_follows_the_schema(openai_real: openai.OpenAI) -> None:
+    """"auto": the model writes freely; once it opens a call, a lazy grammar keeps the call well-formed.
+    (This base model echoes the tool prompt first and then opens a call: text, then the call.)"""
+    chunks = list(openai_real.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0,
+                                                      max_tokens=80, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    text = "".join(d.content or "" for d in deltas)
+    calls = [t for d in deltas for t in d.tool_calls or []]
+    assert len(calls) == 1 and calls[0].function and calls[0].function.name in ("get_weather", "add"), text
+    params = WEATHER_PARAMS if calls[0].function.name == "get_weather" else ADD_PARAMS
+    jsonschema.validate(json.loads(calls[0].function.arguments or ""), params)
+    assert "<tool_call>" not in text  # the marker went into the call, not the content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
 def test_parallel_calls_only_when_asked(openai_real: openai.OpenAI) -> None:
     """One call unless parallel_tool_calls is true. This small model, allowed more, goes on calling
     until max_tokens: that is a 422 saying so, never a call cut in half returned as success."""

@@ -313,8 +313,8 @@ class LlamaCppEngine:
         self._admit(worker)
         prompt, add_special = self._prompt(sm, req)
         spec = sampler_spec(req)
-        if tools and tool_calls.forced(req):
-            spec.grammar = tool_calls.grammar(req)
+        if tools:
+            spec.grammar, spec.grammar_triggers = tool_calls.sampling_grammar(req)
         rid = worker.new_id()
         box = worker.open(rid)
         try:

@@ -173,7 +173,7 @@ class Model:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         add = lambda s: L.llama_sampler_chain_add(chain, s)  # noqa: E731
         if spec.grammar:
-            grammar = L.llama_sampler_init_grammar(self.vocab, spec.grammar.encode(), b"root")
+            grammar = self._grammar(spec.grammar, spec.grammar_triggers)
             if not grammar:
                 L.llama_sampler_free(chain)
                 raise ValueError("the grammar for this response_format could not be parsed")
@@ -201,6 +201,15 @@ class Model:
         seed = spec.seed if spec.seed is not None else L.LLAMA_DEFAULT_SEED
         add(L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    def _grammar(self, text: str, triggers: list[str] | None) -> Any:
+        """A grammar sampler; with triggers a lazy one: free text until a trigger regex
+        matches, then the grammar from the first capture group on."""
+        if not triggers:
+            return L.llama_sampler_init_grammar(self.vocab, text.encode(), b"root")
+        patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+        return L.llama_sampler_init_grammar_lazy_patterns(
+            self.vocab, text.encode(), b"root", patterns, len(triggers), None, 0)
 
     def sample(self, chain: Any, index: int) -> int:
         return int(L.llama_sampler_sample(chain, self.ctx, index))

@@ -27,6 +27,7 @@ class SamplerSpec:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     grammar: str | None = None
+    grammar_triggers: list[str] | None = None  # regexes: the grammar applies once one matches (lazy)
     logprobs: int = -1  # -1: off; N >= 0: the sampled token's log probability and the N likeliest
 
 

@@ -8,7 +8,8 @@ earlier calls and tool results are written back in that format.
 
 `tool_choice: "required"` or a named function is enforced with a grammar, so
 even a small model answers with a well-formed call whose arguments follow the
-function's JSON schema. With `"auto"` the model decides, and its answer is
+function's JSON schema. With `"auto"` the model decides; the same grammar
+applies lazily, from the moment it opens a `<tool_call>`. Its answer is
 parsed for calls in the formats models are trained on: Hermes `<tool_call>`
 blocks, Mistral `[TOOL_CALLS] [...]`, and Llama 3's bare JSON object (with
 `parameters` or `arguments`, optionally after `<|python_tag|>`).
@@ -17,6 +18,7 @@ blocks, Mistral `[TOOL_CALLS] [...]`, and Llama 3's bare JSON object (with
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -25,6 +27,7 @@ from hearth.core.structured import check_enforceable
 from hearth.core.tools import arguments_object, new_call_id
 from hearth.core.types import GenerateRequest, Message, ToolCall
 
+log = logging.getLogger("hearth.engine.tools")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # Text that starts a call; streamed text is held back while it may be one of these.
 MARKERS = (OPEN, "[TOOL_CALLS]", "<|python_tag|>")
@@ -116,10 +119,15 @@ def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
 # -- the grammar --------------------------------------------------------------------
 
 
+# "auto": free text until the model opens a call, then the call follows the grammar.
+TRIGGER = r"[\s\S]*?(<tool_call>[\s\S]*)"
+
+
 def grammar(req: GenerateRequest) -> str:
-    """GBNF for an answer that is only calls: one or more when the request sets
-    `parallel_tool_calls: true`, else exactly one (llama-server's default too:
-    small models asked for "one or more" keep calling until max_tokens)."""
+    """GBNF for calls: one or more when the request sets `parallel_tool_calls:
+    true`, else exactly one (llama-server's default too: small models asked for
+    "one or more" keep calling until max_tokens). For "auto" it is used lazily
+    (`TRIGGER`): the model may answer in text, but a call it opens is well-formed."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     tools = active_tools(req)
@@ -142,9 +150,28 @@ def grammar(req: GenerateRequest) -> str:
                          param="tools") from None
     body = re.sub(r"^root ::=", "hearth-call-json ::=", body, count=1, flags=re.MULTILINE)
     many = not isinstance(choice, dict) and req.parallel_tool_calls is True
-    root = 'hearth-call ::= "<tool_call>\\n" hearth-call-json "\\n</tool_call>"\n'
-    root += 'root ::= hearth-call ("\\n" hearth-call)*\n' if many else "root ::= hearth-call\n"
+    lazy = not forced(req)  # the model chose to open a call: let it lay it out as it likes
+    ws = '[ \\t\\n]*' if lazy else '"\\n"'
+    root = f'hearth-call ::= "<tool_call>" {ws} hearth-call-json {ws} "</tool_call>"\n'
+    root += f'root ::= hearth-call ({ws} hearth-call)*\n' if many else "root ::= hearth-call\n"
     return root + body
+
+
+def sampling_grammar(req: GenerateRequest) -> tuple[str | None, list[str] | None]:
+    """The grammar for a request with tools, and its triggers (None: it applies from the start).
+
+    With "auto", a schema the grammar cannot express leaves calls unconstrained
+    (they are still parsed) unless a function is strict.
+    """
+    if forced(req):
+        return grammar(req), None
+    try:
+        return grammar(req), [TRIGGER]
+    except BadRequest as exc:
+        if any(t["function"].get("strict") for t in active_tools(req)):
+            raise
+        log.info("tool calls left unconstrained: %s", exc.message)
+        return None, None
 
 
 def _check_strict(name: str, params: dict[str, Any]) -> None:
