@@ -7,7 +7,8 @@ hangs up, counted in `cut`), badjson (structured
 output that fails the schema), tools (a request with `tools` gets the calls
 in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
 `bad_args` the arguments are not a JSON object). A request for logprobs gets
-each piece as one token with logprob -0.5 and the alternatives asked for. `delay` slows every answer; `requests` counts
+each piece as one token with logprob -0.5 and the alternatives asked for;
+`think` sends the reasoning in `THOUGHTS` before the answer. `delay` slows every answer; `requests` counts
 generation calls; `bodies` keeps the JSON bodies received.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 PIECES = ["Hello", " from", " upstream"]
+THOUGHTS = ["Let me", " think."]
 CALLS = [("get_weather", {"city": "Tokyo", "unit": "c"}), ("get_time", {"zone": "JST"})]
 
 
@@ -129,6 +131,9 @@ class FakeUpstream:
             for piece in self._tool_pieces():
                 await resp.write(piece)
             return resp
+        if self.mode == "think":
+            for thought in THOUGHTS:
+                await resp.write(self._thought(thought, chat))
         pieces = self._text_pieces(body)
         for i, piece in enumerate(pieces):
             if self.mode == "die" and i == 2:
@@ -169,6 +174,15 @@ class FakeUpstream:
         events.append({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
         events.append({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 12}})
         return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+    def _thought(self, text: str, chat: bool) -> bytes:
+        """A piece of reasoning: Ollama's `thinking`, or the `reasoning_content` delta of vLLM/llama-server."""
+        if self.kind == "ollama":
+            key = {"message": {"role": "assistant", "content": "", "thinking": text}} if chat else \
+                {"response": "", "thinking": text}
+            return (json.dumps({"model": "m", **key, "done": False}) + "\n").encode()
+        choice = {"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}
+        return b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n"
 
     @staticmethod
     def _wants_logprobs(body: dict[str, Any]) -> int | None:

@@ -56,7 +56,7 @@ class Observed:
 
     async def _run(self) -> AsyncIterator[Chunk]:
         async for chunk in self.gen:
-            if chunk.text or chunk.tool_calls:
+            if chunk.text or chunk.tool_calls or chunk.thinking:
                 record.note_first_token()
             if chunk.usage is not None:
                 u = chunk.usage
@@ -96,11 +96,19 @@ def check_logprob_support(engine: Engine, info: ModelInfo, req: GenerateRequest)
         )
 
 
+def check_think_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
+    """Thinking can be asked of upstreams (whose models may think); the in-box models do not."""
+    if req.think not in (None, False) and not getattr(engine, "supports_thinking", False):
+        raise BadRequest(f"model {info.id!r} does not support thinking; drop `think` (or set it to false)",
+                         param="think")
+
+
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
     check_request(req, grammar=not getattr(engine, "passes_format_through", False))
     check_tool_support(engine, info, req)
     check_logprob_support(engine, info, req)
+    check_think_support(engine, info, req)
     record.note_model(info)
     gens: list[Generation] = []
     try:
@@ -128,6 +136,7 @@ class Result:
     usage: Usage
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    thinking: str = ""
 
 
 async def collect(gen: Generation, req: GenerateRequest) -> Result:
@@ -135,6 +144,7 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
     parts: list[str] = []
     calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] = []
+    thinking: list[str] = []
     finish = "stop"
     usage = Usage(prompt_tokens=gen.prompt_tokens)
     try:
@@ -143,6 +153,8 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
             if chunk.tool_calls:
                 calls.extend(chunk.tool_calls)
             logprobs.extend(chunk.logprobs)
+            if chunk.thinking:
+                thinking.append(chunk.thinking)
             if chunk.finish_reason:
                 finish = chunk.finish_reason
             if chunk.usage:
@@ -152,7 +164,8 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
     text = "".join(parts)
     if not calls:
         validate_output(text, req.response_format, finish)
-    return Result(text=text, finish_reason=finish, usage=usage, tool_calls=calls, logprobs=logprobs)
+    return Result(text=text, finish_reason=finish, usage=usage, tool_calls=calls, logprobs=logprobs,
+                  thinking="".join(thinking))
 
 
 async def collect_all(gens: list[Generation], req: GenerateRequest) -> list[Result]:

@@ -87,6 +87,7 @@ class GenerateRequest:
     tool_choice: str | dict[str, Any] | None = None  # "auto", "none", "required" or a named function
     parallel_tool_calls: bool | None = None
     logprobs: int | None = None  # None: off; N: each token's log probability and the N likeliest alternatives
+    think: bool | str | None = None  # thinking models: on/off, or an effort ("low", "medium", "high")
 
     @property
     def uses_tools(self) -> bool:
@@ -133,7 +134,8 @@ class Chunk:
     """A piece of a generation. The last chunk has `finish_reason` and `usage`.
 
     `tool_calls` are whole calls (never argument fragments). `logprobs` (when
-    asked for) are those of the tokens whose text is in this chunk.
+    asked for) are those of the tokens whose text is in this chunk. `thinking`
+    is reasoning text a thinking model sends apart from its answer.
     """
 
     text: str = ""
@@ -141,6 +143,7 @@ class Chunk:
     usage: Usage | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    thinking: str = ""  # a thinking model's reasoning, apart from the answer
 
 
 @dataclass(slots=True)

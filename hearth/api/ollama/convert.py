@@ -158,11 +158,17 @@ def apply_options(req: GenerateRequest, opts: w.Options | None) -> GenerateReque
 
 
 # -- requests ----------------------------------------------------------------------
-def _reject_unsupported(wire: w.GenerationFields) -> None:
-    if wire.think not in (None, False, ""):
-        raise BadRequest(
-            f"model {wire.model!r} does not support thinking; drop `think` or set it to false", param="think"
-        )
+EFFORTS = ("low", "medium", "high", "max")
+
+
+def _think(wire: w.GenerationFields) -> bool | str | None:
+    """`think`: true/false, or an effort for models that take one (the engine says whether the model thinks)."""
+    think = wire.think
+    if think == "":
+        return None
+    if isinstance(think, str) and think not in EFFORTS:
+        raise BadRequest(f"think must be true, false or one of {', '.join(EFFORTS)}; got {think!r}", param="think")
+    return think
 
 
 def _message(msg: w.ChatMessage, i: int) -> Message:
@@ -173,7 +179,6 @@ def _message(msg: w.ChatMessage, i: int) -> Message:
 
 def chat_request(wire: w.ChatRequest) -> GenerateRequest:
     """/api/chat body -> core GenerateRequest (empty `messages` = a load/unload request)."""
-    _reject_unsupported(wire)
     req = GenerateRequest(
         model=wire.model,
         messages=[_message(m, i) for i, m in enumerate(wire.messages or [])],
@@ -181,12 +186,12 @@ def chat_request(wire: w.ChatRequest) -> GenerateRequest:
         keep_alive=parse_keep_alive(wire.keep_alive),
         tools=tools.check_tools(wire.tools),
         logprobs=logprobs_setting(wire.logprobs, wire.top_logprobs),
+        think=_think(wire),
     )
     return apply_options(req, wire.options)
 
 
 def _check_generate(wire: w.GenerateRequest) -> None:
-    _reject_unsupported(wire)
     if wire.suffix:
         raise BadRequest("suffix (fill-in-the-middle) is not supported by hearth; remove `suffix`", param="suffix")
     if wire.context:
@@ -212,7 +217,8 @@ def generate_request(wire: w.GenerateRequest) -> GenerateRequest:
     _check_generate(wire)
     prompt = wire.prompt or ""
     req = GenerateRequest(model=wire.model, response_format=response_format(wire.format),
-                          keep_alive=parse_keep_alive(wire.keep_alive), logprobs=logprobs_setting(wire.logprobs, wire.top_logprobs))
+                          keep_alive=parse_keep_alive(wire.keep_alive),
+                          logprobs=logprobs_setting(wire.logprobs, wire.top_logprobs), think=_think(wire))
     images = decode_images(wire.images, "images")
     if wire.raw or not (prompt or images):
         req.prompt = prompt
@@ -283,19 +289,25 @@ def logprobs_body(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> lis
 
 def chunk_body(kind: str, model: str, created_at: str, text: str,
                calls: list[ToolCall] | tuple[ToolCall, ...] = (), first: int = 0,
-               logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...] | None = None) -> dict[str, Any]:
+               logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...] | None = None,
+               thinking: str = "") -> dict[str, Any]:
     """One streamed piece of /api/chat (`kind="chat"`) or /api/generate output.
 
     `calls` are tool calls (chat only); `first` is the index of the first of them in the answer;
-    `logprobs` are those of this piece's tokens (None when not asked for).
+    `logprobs` are those of this piece's tokens (None when not asked for); `thinking` is a
+    thinking model's reasoning.
     """
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
         if calls:
             message["tool_calls"] = [tool_call_body(c, first + k) for k, c in enumerate(calls)]
         body = {"model": model, "created_at": created_at, "message": message, "done": False}
     else:
         body = {"model": model, "created_at": created_at, "response": text, "done": False}
+        if thinking:
+            body["thinking"] = thinking
     if logprobs is not None:
         body["logprobs"] = logprobs_body(logprobs)
     return body
@@ -303,9 +315,9 @@ def chunk_body(kind: str, model: str, created_at: str, text: str,
 
 def final_body(kind: str, model: str, created_at: str, text: str, finish: str | None,
                usage: Usage, total_ns: int, calls: list[ToolCall] | None = None,
-               logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+               logprobs: list[TokenLogprob] | None = None, thinking: str = "") -> dict[str, Any]:
     """The last object of a generation (or the only one with stream=false)."""
-    body = chunk_body(kind, model, created_at, text, calls or (), logprobs=logprobs)
+    body = chunk_body(kind, model, created_at, text, calls or (), logprobs=logprobs, thinking=thinking)
     body["done"] = True
     body["done_reason"] = DONE_REASON.get(finish or "stop", "stop")
     body.update(timings(usage, total_ns))

@@ -93,7 +93,7 @@ async def _serve(request: Request, kind: str, wire: w.GenerationFields, req: Gen
     total = time.perf_counter_ns() - t0
     return JSONResponse(convert.final_body(kind, wire.model, _created_at(), result.text, result.finish_reason,
                                            result.usage, total, result.tool_calls,
-                                           result.logprobs if req.logprobs is not None else None))
+                                           result.logprobs if req.logprobs is not None else None, result.thinking))
 
 
 async def _load(engine: Engine, info: ModelInfo, kind: str, name: str, keep_alive: float | None,
@@ -118,6 +118,8 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
     try:
         async for chunk in gen:
             logprobs = chunk.logprobs if req.logprobs is not None else None
+            if chunk.thinking:
+                yield ndjson(convert.chunk_body(kind, name, _created_at(), "", thinking=chunk.thinking))
             if chunk.text:
                 if check:
                     parts.append(chunk.text)

@@ -155,6 +155,7 @@ def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
         tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls,
         logprobs=_chat_logprobs(req),
+        think=False if req.reasoning_effort == "none" else req.reasoning_effort,
     )
 
 
@@ -226,9 +227,12 @@ def tool_call_body(call: ToolCall, index: int | None = None) -> dict[str, Any]:
 
 
 def chat_choice(index: int, text: str, finish: str | None, calls: list[ToolCall] | None = None,
-                logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-    """One non-streamed chat choice (content is null when the model only called tools, as OpenAI does)."""
+                logprobs: list[TokenLogprob] | None = None, thinking: str = "") -> dict[str, Any]:
+    """One non-streamed chat choice (content is null when the model only called tools, as OpenAI does;
+    a thinking model's reasoning is `reasoning_content`, as vLLM and DeepSeek send it)."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if thinking:
+        message["reasoning_content"] = thinking
     if calls:
         message["content"] = text or None
         message["tool_calls"] = [tool_call_body(c) for c in calls]

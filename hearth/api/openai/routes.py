@@ -64,7 +64,7 @@ async def chat_completions(request: Request) -> Response:
         return _stream_response(_chat_stream(rid, name, gens, req, include_usage), gens)
     results = await until_disconnect(request, serving.collect_all(gens, req))
     lp = req.logprobs is not None
-    choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls, r.logprobs if lp else None)
+    choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls, r.logprobs if lp else None, r.thinking)
                for i, r in enumerate(results)]
     return JSONResponse(convert.chat_response(rid, name, choices, serving.total_usage(results)))
 
@@ -81,6 +81,8 @@ async def _chat_stream(
     async for i, chunk in merge([aiter(g) for g in gens]):
         chunk: Chunk
         logprobs = convert.chat_logprobs(chunk.logprobs) if req.logprobs is not None else None
+        if chunk.thinking:
+            yield sse(convert.chat_chunk(rid, created, model, i, {"reasoning_content": chunk.thinking}, None))
         if chunk.text:
             texts[i] += chunk.text
             yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None, logprobs))

@@ -64,6 +64,7 @@ class UpstreamEngine:
     passes_format_through = True  # the upstream enforces schemas; hearth validates the result
     supports_tools = True  # tools and tool calls pass through, translated between dialects
     supports_logprobs = True  # asked of the upstream, translated between dialects
+    supports_thinking = True  # its models may think; their reasoning is passed on apart from the answer
 
     def __init__(self, name: str, cfg: UpstreamEntry, api_key: Secret | None = None) -> None:
         self.name = name
@@ -391,7 +392,8 @@ class UpstreamGeneration:
         try:
             async for text in self._texts():
                 texts.append(text)
-                yield Chunk(text=text, logprobs=parser.take_logprobs(self.req.logprobs))
+                yield Chunk(text=text, logprobs=parser.take_logprobs(self.req.logprobs),
+                            thinking=parser.take_thinking())
             eng.pool.succeeded(self.replica)
             calls = parser.tool_calls()
             finish = parser.finish or "stop"
@@ -405,7 +407,7 @@ class UpstreamGeneration:
                 log.warning("upstream %r sent no logprobs for %s (it may not support them)", eng.name, self.model)
             eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
             yield Chunk(finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
-                        logprobs=parser.take_logprobs(self.req.logprobs))
+                        logprobs=parser.take_logprobs(self.req.logprobs), thinking=parser.take_thinking())
         except HearthError:
             eng._audit(self.model, 0, parser.pieces, "error")
             raise
@@ -447,8 +449,8 @@ class UpstreamGeneration:
                 text = parser.feed(lines)
             except UpstreamError as exc:
                 raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
-            started = started or bool(text) or parser.calls_seen
-            if text:
+            started = started or bool(text) or parser.calls_seen or bool(parser.thinking)
+            if text or parser.thinking:
                 yield text
             if parser.done:
                 return

@@ -79,6 +79,8 @@ class OllamaWire:
             body["raw"] = True  # core prompts are already rendered
         if req.logprobs is not None:
             body["logprobs"], body["top_logprobs"] = True, req.logprobs
+        if req.think is not None:
+            body["think"] = req.think
         fmt = _format(req)
         if fmt is not None:
             body["format"] = fmt
@@ -160,9 +162,13 @@ class NDJSONParser(StreamParser):
             raise UpstreamError(f"reported an error mid-stream: {event['error']}")
         if not self.chat:
             text = event.get("response") or ""
+            if event.get("thinking"):
+                self.thinking.append(event["thinking"])
         else:
             message = event.get("message") or {}
             text = message.get("content") or ""
+            if message.get("thinking"):
+                self.thinking.append(message["thinking"])
             for call in message.get("tool_calls") or ():  # Ollama sends each call whole
                 if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
                     raise UpstreamError(f"sent a tool call without a function: {call!r:.120}")

@@ -96,6 +96,7 @@ class OpenAIWire:
             if req.logprobs is not None:
                 body["logprobs"] = max(1, req.logprobs)
         self._sampling(body, req, drop)
+        self._think(body, req, drop)
         if req.max_tokens is not None:
             body["max_completion_tokens" if self.cloud and req.messages is not None else "max_tokens"] = req.max_tokens
         if req.stop:
@@ -122,6 +123,17 @@ class OpenAIWire:
                 body[key] = value
             else:
                 drop(key)
+
+    def _think(self, body: dict[str, Any], req: GenerateRequest, drop: Callable[[str], None]) -> None:
+        """An effort is `reasoning_effort`; thinking models think unasked; "off" is the chat template's
+        `enable_thinking` switch (vLLM, llama-server, SGLang), which a cloud API does not take."""
+        if isinstance(req.think, str):
+            body["reasoning_effort"] = req.think
+        elif req.think is False:
+            if self.cloud:
+                drop("think")
+            else:
+                body["chat_template_kwargs"] = {"enable_thinking": False}
 
     def parser(self, chat: bool) -> SSEParser:
         """A parser for one streamed response."""
@@ -191,6 +203,9 @@ class SSEParser(StreamParser):
         if not self.chat:
             return choice.get("text") or ""
         delta = choice.get("delta") or {}
+        thinking = delta.get("reasoning_content") or delta.get("reasoning")  # vLLM/llama-server/DeepSeek; newer vLLM
+        if thinking:
+            self.thinking.append(thinking)
         if delta.get("tool_calls"):
             self._tool_deltas(delta["tool_calls"])
         return delta.get("content") or ""

@@ -27,6 +27,7 @@ class StreamParser:
         self.calls_seen = False  # a tool call has begun (progress, for the idle timeout)
         self.logprobs: list[TokenLogprob] = []  # of text not handed out yet
         self.logprobs_seen = False
+        self.thinking: list[str] = []  # reasoning text not handed out yet
 
     def payload(self, line: bytes) -> bytes | None:
         """The JSON of one line; None for lines without one (may set `done`)."""
@@ -78,6 +79,11 @@ class StreamParser:
         if top is not None:
             for e in out:
                 del e.top[top:]
+        return out
+
+    def take_thinking(self) -> str:
+        """Reasoning text that came since the last call."""
+        out, self.thinking = "".join(self.thinking), []
         return out
 
     def add_logprobs(self, entries: Any) -> None:
