@@ -223,3 +223,20 @@ class FakeUpstream:
         usage = json.dumps({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n,
                                                                 "total_tokens": 7 + n}})
         return f"data: {fin}\n\ndata: {usage}\n\ndata: [DONE]\n\n".encode()
+
+
+class FakePair:
+    """An OpenAI-compatible fake serving "m" (upstream `oai`) and an Ollama one (upstream `olla`)
+    in the same mode, and the hearth.toml that declares them."""
+
+    def __init__(self, mode: str = "ok", ollama_models: tuple[str, ...] = ("llamita:8b",)) -> None:
+        self.oai = FakeUpstream(mode=mode).start()
+        self.olla = FakeUpstream(kind="ollama", mode=mode, models=ollama_models).start()
+
+    def config(self) -> str:
+        return (f'[upstreams.oai]\nkind = "openai"\nurls = ["{self.oai.url}"]\nmodels = ["m"]\n\n'
+                f'[upstreams.olla]\nkind = "ollama"\nurls = ["{self.olla.url}"]\n')
+
+    def stop(self) -> None:
+        self.oai.stop()
+        self.olla.stop()

@@ -17,40 +17,21 @@ import openai
 import pytest
 
 from tests.conftest import Server, config_server
-from tests.fake_upstream import PIECES, FakeUpstream
+from tests.fake_upstream import PIECES, FakePair, FakeUpstream
 from tests.openai_schema import validate
 
 ASK: list[Any] = [{"role": "user", "content": "hi"}]
 
 
-class Fakes:
-    def __init__(self) -> None:
-        self.oai = FakeUpstream().start()
-        self.olla = FakeUpstream(kind="ollama", models=("llamita:8b",)).start()
-
-    def config(self) -> str:
-        return f"""
-[upstreams.oai]
-kind = "openai"
-urls = ["{self.oai.url}"]
-models = ["m"]
-
-[upstreams.olla]
-kind = "ollama"
-urls = ["{self.olla.url}"]
-"""
-
-
 @pytest.fixture(scope="module")
-def fakes() -> Iterator[Fakes]:
-    f = Fakes()
+def fakes() -> Iterator[FakePair]:
+    f = FakePair()
     yield f
-    f.oai.stop()
-    f.olla.stop()
+    f.stop()
 
 
 @pytest.fixture(scope="module")
-def server(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(fakes: FakePair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from config_server(tmp_path_factory, "logprobs-home", fakes.config())
 
 
@@ -59,7 +40,7 @@ def pieces(fake: FakeUpstream) -> list[str]:
 
 
 @pytest.mark.parametrize(("model", "which"), [("m@oai", "oai"), ("llamita:8b", "olla")])
-def test_openai_chat_logprobs_from_either_upstream(server: Server, fakes: Fakes, model: str, which: str) -> None:
+def test_openai_chat_logprobs_from_either_upstream(server: Server, fakes: FakePair, model: str, which: str) -> None:
     fake = getattr(fakes, which)
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=30)
     resp = client.chat.completions.create(model=model, messages=ASK, logprobs=True, top_logprobs=2)
@@ -78,7 +59,7 @@ def test_openai_chat_logprobs_from_either_upstream(server: Server, fakes: Fakes,
     assert plain.choices[0].logprobs is None and "logprobs" not in fake.bodies[-1]
 
 
-def test_ollama_client_gets_an_openai_upstreams_logprobs(server: Server, fakes: Fakes) -> None:
+def test_ollama_client_gets_an_openai_upstreams_logprobs(server: Server, fakes: FakePair) -> None:
     c = ollama.Client(host=server.url, timeout=30)
     parts = list(c.chat(model="m@oai", messages=ASK, logprobs=True, top_logprobs=1, stream=True))
     assert [e.token for p in parts for e in p.logprobs or []] == pieces(fakes.oai)
@@ -89,7 +70,7 @@ def test_ollama_client_gets_an_openai_upstreams_logprobs(server: Server, fakes: 
     validate(httpx.post(server.url + "/api/chat", json=body, timeout=30).json(), "ChatResponse", "ollama-openapi.yaml")
 
 
-def test_legacy_completion_logprobs_both_ways(server: Server, fakes: Fakes) -> None:
+def test_legacy_completion_logprobs_both_ways(server: Server, fakes: FakePair) -> None:
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=30)
     resp = client.completions.create(model="m@oai", prompt="hi", logprobs=2)
     assert fakes.oai.bodies[-1]["logprobs"] == 2  # the legacy shape: a number

@@ -16,41 +16,22 @@ import openai
 import pytest
 
 from tests.conftest import Server, config_server
-from tests.fake_upstream import PIECES, THOUGHTS, FakeUpstream
+from tests.fake_upstream import PIECES, THOUGHTS, FakePair, FakeUpstream
 from tests.openai_schema import validate
 
 ASK: list[Any] = [{"role": "user", "content": "why is the sky blue?"}]
 THOUGHT = "".join(THOUGHTS)
 
 
-class Fakes:
-    def __init__(self) -> None:
-        self.oai = FakeUpstream(mode="think").start()
-        self.olla = FakeUpstream(kind="ollama", mode="think", models=("qwen3:8b",)).start()
-
-    def config(self) -> str:
-        return f"""
-[upstreams.oai]
-kind = "openai"
-urls = ["{self.oai.url}"]
-models = ["m"]
-
-[upstreams.olla]
-kind = "ollama"
-urls = ["{self.olla.url}"]
-"""
-
-
 @pytest.fixture(scope="module")
-def fakes() -> Iterator[Fakes]:
-    f = Fakes()
+def fakes() -> Iterator[FakePair]:
+    f = FakePair(mode="think", ollama_models=("qwen3:8b",))
     yield f
-    f.oai.stop()
-    f.olla.stop()
+    f.stop()
 
 
 @pytest.fixture(scope="module")
-def server(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(fakes: FakePair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from config_server(tmp_path_factory, "thinking-home", fakes.config())
 
 
@@ -59,7 +40,7 @@ def answer(fake: FakeUpstream) -> str:
 
 
 @pytest.mark.parametrize(("model", "which"), [("qwen3:8b", "olla"), ("m@oai", "oai")])
-def test_ollama_client_gets_thinking_apart(server: Server, fakes: Fakes, model: str, which: str) -> None:
+def test_ollama_client_gets_thinking_apart(server: Server, fakes: FakePair, model: str, which: str) -> None:
     fake = getattr(fakes, which)
     c = ollama.Client(host=server.url, timeout=30)
     res = c.chat(model=model, messages=ASK, think=True)
@@ -73,7 +54,7 @@ def test_ollama_client_gets_thinking_apart(server: Server, fakes: Fakes, model: 
     assert gen.thinking == THOUGHT and gen.response == answer(fake)
 
 
-def test_openai_client_gets_reasoning_content(server: Server, fakes: Fakes) -> None:
+def test_openai_client_gets_reasoning_content(server: Server, fakes: FakePair) -> None:
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=30)
     resp = client.chat.completions.create(model="qwen3:8b", messages=ASK)
     message = resp.choices[0].message
@@ -94,7 +75,7 @@ def test_openai_client_gets_reasoning_content(server: Server, fakes: Fakes) -> N
     ({"think": "high"}, "oai", {"reasoning_effort": "high"}),
     ({"think": False}, "oai", {"chat_template_kwargs": {"enable_thinking": False}}),
 ])
-def test_think_is_passed_on_in_the_upstreams_terms(server: Server, fakes: Fakes, ask: dict[str, Any], which: str,
+def test_think_is_passed_on_in_the_upstreams_terms(server: Server, fakes: FakePair, ask: dict[str, Any], which: str,
                                                    sent: dict[str, Any]) -> None:
     fake = getattr(fakes, which)
     model = "qwen3:8b" if which == "olla" else "m@oai"
@@ -104,7 +85,7 @@ def test_think_is_passed_on_in_the_upstreams_terms(server: Server, fakes: Fakes,
     assert {k: body.get(k) for k in sent} == sent
 
 
-def test_openai_reasoning_effort_reaches_an_ollama_upstream(server: Server, fakes: Fakes) -> None:
+def test_openai_reasoning_effort_reaches_an_ollama_upstream(server: Server, fakes: FakePair) -> None:
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=30)
     client.chat.completions.create(model="qwen3:8b", messages=ASK, reasoning_effort="low")
     assert fakes.olla.bodies[-1]["think"] == "low"
