@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import Server, config_server
-from tests.fake_upstream import CALLS, FakeUpstream
+from tests.fake_upstream import CALLS, FakePair, FakeUpstream
 from tests.openai_schema import validate
 
 TOOLS = [{"type": "function", "function": {
@@ -29,36 +29,26 @@ TOOLS = [{"type": "function", "function": {
 ASK = [{"role": "user", "content": "weather and time in Tokyo?"}]
 
 
-class Fakes:
+class Fakes(FakePair):
+    """The OpenAI and Ollama fakes answering with tool calls, and one sending arguments that are not JSON."""
+
     def __init__(self) -> None:
-        self.oai = FakeUpstream(mode="tools").start()
-        self.olla = FakeUpstream(kind="ollama", mode="tools", models=("llamita:8b",)).start()
+        super().__init__(mode="tools")
         self.bad = FakeUpstream(mode="bad_args", models=("b",)).start()
 
     def config(self) -> str:
-        return f"""
-[upstreams.oai]
-kind = "openai"
-urls = ["{self.oai.url}"]
-models = ["m"]
+        return super().config() + f'\n[upstreams.bad]\nkind = "openai"\nurls = ["{self.bad.url}"]\nmodels = ["b"]\n'
 
-[upstreams.olla]
-kind = "ollama"
-urls = ["{self.olla.url}"]
-
-[upstreams.bad]
-kind = "openai"
-urls = ["{self.bad.url}"]
-models = ["b"]
-"""
+    def stop(self) -> None:
+        super().stop()
+        self.bad.stop()
 
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[Fakes]:
     f = Fakes()
     yield f
-    for s in (f.oai, f.olla, f.bad):
-        s.stop()
+    f.stop()
 
 
 @pytest.fixture(scope="module")
