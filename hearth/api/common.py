@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from hearth.core.errors import BadRequest, EngineUnavailable, PayloadTooLarge
+from hearth.core.types import TokenLogprob
 
 log = logging.getLogger("hearth.api")
 M = TypeVar("M", bound=BaseModel)
@@ -212,3 +213,12 @@ def logprobs_setting(enabled: bool | None, top: int | None) -> int | None:
             raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         return None
     return top or 0
+
+
+def logprob_entries(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """Tokens with their log probabilities and alternatives, in the shape OpenAI chat
+    (`logprobs.content`) and Ollama (`logprobs`) share."""
+    def one(t: TokenLogprob) -> dict[str, Any]:
+        return {"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+
+    return [{**one(t), "top_logprobs": [one(a) for a in t.top]} for t in entries]

@@ -17,7 +17,7 @@ import re
 import time
 from typing import Any
 
-from hearth.api.common import logprobs_setting
+from hearth.api.common import logprob_entries, logprobs_setting
 from hearth.api.ollama import schemas as w
 from hearth.api.ollama.template import render_template
 from hearth.core import tools
@@ -278,15 +278,6 @@ def tool_call_body(call: ToolCall, index: int) -> dict[str, Any]:
     return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": arguments}}
 
 
-def _token_logprob(t: TokenLogprob) -> dict[str, Any]:
-    return {"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
-
-
-def logprobs_body(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
-    """Log probabilities as Ollama sends them, one object per token."""
-    return [{**_token_logprob(t), "top_logprobs": [_token_logprob(a) for a in t.top]} for t in entries]
-
-
 def chunk_body(kind: str, model: str, created_at: str, text: str,
                calls: list[ToolCall] | tuple[ToolCall, ...] = (), first: int = 0,
                logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...] | None = None,
@@ -309,7 +300,7 @@ def chunk_body(kind: str, model: str, created_at: str, text: str,
         if thinking:
             body["thinking"] = thinking
     if logprobs is not None:
-        body["logprobs"] = logprobs_body(logprobs)
+        body["logprobs"] = logprob_entries(logprobs)
     return body
 
 

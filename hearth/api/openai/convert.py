@@ -7,7 +7,7 @@ import struct
 import time
 from typing import Any
 
-from hearth.api.common import logprobs_setting
+from hearth.api.common import logprob_entries, logprobs_setting
 from hearth.api.openai import schemas as w
 from hearth.core import tools
 from hearth.core.errors import BadRequest, HearthError
@@ -244,16 +244,11 @@ def chat_choice(index: int, text: str, finish: str | None, calls: list[ToolCall]
     }
 
 
-def _token_logprob(t: TokenLogprob) -> dict[str, Any]:
-    return {"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
-
-
 def chat_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
     """Log probabilities as a chat choice carries them (None when not asked for)."""
     if entries is None:
         return None
-    return {"content": [{**_token_logprob(t), "top_logprobs": [_token_logprob(a) for a in t.top]}
-                        for t in entries], "refusal": None}
+    return {"content": logprob_entries(entries), "refusal": None}
 
 
 def completion_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...] | None,

@@ -121,7 +121,7 @@ async def completions(request: Request) -> Response:
         raise
     rid = serving.new_id("cmpl")
     # echo: each choice starts with its prompt
-    echoes = [r.prompt or "" if wire.echo else "" for r in reqs for _ in range(wire.n)]
+    echoes = [(r.prompt or "") if wire.echo else "" for r in reqs for _ in range(wire.n)]
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
         return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage, echoes), gens)

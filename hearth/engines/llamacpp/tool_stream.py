@@ -24,13 +24,13 @@ class ToolCallGeneration:
         self.prompt_tokens: int = inner.prompt_tokens
         self.names = names
         self.forced = forced  # the grammar makes the whole answer calls: hold all of it
+        self.held: list[TokenLogprob] = []  # log probabilities of text not sent yet (when asked for)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._run()
 
     async def _run(self) -> AsyncIterator[Chunk]:
         pending = ""  # text not sent yet
-        self.held: list[TokenLogprob] = []  # log probabilities of its tokens (when asked for)
         capturing = self.forced
         sent = False
         async for chunk in self.inner:
