@@ -17,7 +17,7 @@ from starlette.routing import Route
 from hearth.api.common import JSONResponse
 from hearth.api.openai import convert as openai_convert
 from hearth.api.openai import routes as openai_routes
-from hearth.api.routing import PathRouter, direct
+from hearth.api.routing import LeanStarlette, PathRouter, direct
 from hearth.core.engine import Engine
 from hearth.core.errors import BadRequest, HearthError, NotFound
 from hearth.core.router import AliasError, Router
@@ -157,7 +157,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None, extra_ro
         *(extra_routes or []),
         *security_routes,
     ]
-    app = Starlette(
+    app = LeanStarlette(
         lifespan=lifespan,
         middleware=security_middleware,
         exception_handlers={

@@ -1,4 +1,5 @@
-"""hearth's HTTP front: joined writes (CorkedTransport), fixed-path routing, raw HTTP/1.1 on a real server."""
+"""hearth's HTTP front: its HTTP/1.1 protocol (framing, joined writes, pipelining, flow control,
+errors), fixed-path routing, and raw HTTP/1.1 on a real server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,23 +19,24 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from hearth.api.corked import CorkedTransport
+from hearth.api.protocol import HTTPProtocol
 from hearth.api.routing import PathRouter, direct
 from tests.conftest import Server, start_server, stop_server
 
-HEAD_LEN = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
-HEAD_CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+POST = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s"
 
 
-class Recorder(asyncio.Transport):
-    """A transport that records each write (what reached the socket, in order)."""
+class Recorder:
+    """A transport that records each write (what reached the socket, in order) and reading pauses."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.writes: list[bytes] = []
         self.closed = False
+        self.paused = False
 
-    def write(self, data: bytes) -> None:  # type: ignore[override]
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
         self.writes.append(bytes(data))
 
     def is_closing(self) -> bool:
@@ -42,64 +45,266 @@ class Recorder(asyncio.Transport):
     def close(self) -> None:
         self.closed = True
 
-    def get_write_buffer_size(self) -> int:
-        return 0
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 80), "peername": ("127.0.0.1", 5000)}.get(name, default)
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(self.writes)
 
 
-def run(test: Callable[[Recorder, CorkedTransport], Awaitable[None]]) -> None:
-    """Run `test` with a recording transport and a CorkedTransport over it (inside a loop)."""
+class Config:
+    """The parts of uvicorn's Config the protocol reads."""
+
+    loaded = True
+    root_path = ""
+    access_log = False
+
+    def __init__(self, app: App, keep_alive: float) -> None:
+        self.loaded_app = app
+        self.timeout_keep_alive = keep_alive
+
+
+class State:
+    """uvicorn's ServerState, as far as the protocol uses it."""
+
+    def __init__(self) -> None:
+        self.connections: set[Any] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.default_headers = [(b"date", b"Tue, 01 Dec 2026 00:00:00 GMT")]
+        self.total_requests = 0
+
+
+def run(app: App, test: Callable[[HTTPProtocol, Recorder], Awaitable[None]], keep_alive: float = 5,
+        max_head: int | None = None) -> None:
+    """Run `test` on a protocol connected to a Recorder, serving `app`."""
     async def main() -> None:
+        cls = HTTPProtocol.with_limits(max_head) if max_head else HTTPProtocol
+        proto = cls(Config(app, keep_alive), State(), {})
         rec = Recorder()
-        await test(rec, CorkedTransport(rec))
+        proto.connection_made(rec)  # type: ignore[arg-type]
+        await test(proto, rec)
     asyncio.run(main())
 
 
+async def steps(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def answer(body: bytes = b"ok", headers: list[tuple[bytes, bytes]] | None = None) -> App:
+    """An app that reads the whole request body and answers `body` with a Content-Length."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": headers if headers is not None else [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
 def test_head_and_sized_body_leave_in_one_send() -> None:
-    async def body(rec: Recorder, t: CorkedTransport) -> None:
-        t.write(HEAD_LEN)
-        assert rec.writes == []  # held for the body
-        t.write(b"ok")
-        assert rec.writes == [HEAD_LEN + b"ok"]
-    run(body)
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(POST % (2, b"hi"))
+        await steps()
+        assert len(rec.writes) == 1
+        head, _, rest = rec.writes[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\ndate: ") and b"content-length: 2" in head and rest == b"ok"
+        assert not rec.closed  # keep-alive
+    run(answer(), body)
 
 
 def test_chunked_pieces_of_one_step_are_joined_and_the_end_flushes() -> None:
-    async def body(rec: Recorder, t: CorkedTransport) -> None:
-        t.write(HEAD_CHUNKED)
-        t.write(b"5\r\nhello\r\n")
-        t.write(b"1\r\n!\r\n")
-        assert rec.writes == []
-        await asyncio.sleep(0)  # end of the step: what is held goes out, in order
-        assert rec.writes == [HEAD_CHUNKED + b"5\r\nhello\r\n1\r\n!\r\n"]
-        t.write(b"3\r\nbye\r\n")
-        t.write(b"0\r\n\r\n")  # the last piece: sent at once with what is held
-        assert rec.writes[1:] == [b"3\r\nbye\r\n0\r\n\r\n"]
-        await asyncio.sleep(0)
-        assert len(rec.writes) == 2  # the scheduled flush finds nothing left
-    run(body)
+    gate = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"hello", "more_body": True})
+        await send({"type": "http.response.body", "body": b"!", "more_body": True})
+        await gate.wait()
+        await send({"type": "http.response.body", "body": b"bye", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(POST % (0, b""))
+        await steps()
+        assert len(rec.writes) == 1  # head and both pieces of the step, once the step ended
+        assert b"transfer-encoding: chunked" in rec.writes[0]
+        assert rec.writes[0].endswith(b"\r\n\r\n5\r\nhello\r\n1\r\n!\r\n")
+        gate.set()
+        await steps()
+        assert rec.writes[1:] == [b"3\r\nbye\r\n0\r\n\r\n"]  # the last piece goes at once with what was held
+    run(app, body)
 
 
 def test_a_held_head_goes_out_by_itself_at_the_end_of_the_step() -> None:
-    async def body(rec: Recorder, t: CorkedTransport) -> None:
-        t.write(HEAD_CHUNKED)  # a stream whose first token is not ready yet
-        await asyncio.sleep(0)
-        assert rec.writes == [HEAD_CHUNKED]
-    run(body)
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(3600)  # a stream whose first token is not ready yet
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        assert len(rec.writes) == 1 and rec.writes[0].endswith(b"transfer-encoding: chunked\r\n\r\n")
+        proto.connection_lost(None)
+    run(app, body)
 
 
-def test_close_sends_what_is_held_first_and_nothing_goes_to_a_closed_transport() -> None:
-    async def body(rec: Recorder, t: CorkedTransport) -> None:
-        t.write(HEAD_CHUNKED)
-        t.close()
-        assert rec.writes == [HEAD_CHUNKED] and rec.closed
-        rec2 = Recorder()
-        t2 = CorkedTransport(rec2)
-        t2.write(HEAD_CHUNKED)
-        rec2.closed = True  # the peer went away before the flush
-        await asyncio.sleep(0)
-        assert rec2.writes == []
-        assert t2.get_write_buffer_size() == 0
-    run(body)
+def test_pipelined_requests_are_answered_in_order() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        msg = await receive()
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0.01)  # the first answer takes longer: the second must still come after it
+        out = scope["path"].encode() + b":" + msg["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(out))]})
+        await send({"type": "http.response.body", "body": out})
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"POST /slow HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\na"
+                            b"POST /fast HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nb")
+        assert rec.paused  # no more reading while a request waits its turn
+        await asyncio.sleep(0.05)
+        out = rec.output
+        assert out.index(b"/slow:a") < out.index(b"/fast:b") and out.count(b"HTTP/1.1 200") == 2
+        assert not rec.paused and not rec.closed
+    run(app, body)
+
+
+def test_body_in_pieces_pauses_reading_over_the_high_water_mark_and_100_continue_is_sent() -> None:
+    got: list[tuple[int, bool]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while True:
+            msg = await receive()
+            got.append((len(msg["body"]), msg["more_body"]))
+            if not msg["more_body"]:
+                break
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        size = 200_000
+        proto.data_received(b"POST /u HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size)
+        await steps()
+        assert rec.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]  # the app asked for the body
+        proto.data_received(b"x" * 100_000)
+        assert rec.paused  # over 64 KiB waiting: the socket is paused until the app reads
+        await steps()
+        assert not rec.paused
+        proto.data_received(b"x" * 100_000)
+        await steps()
+        assert sum(n for n, _ in got) == size and got[-1] == (got[-1][0], False)
+        assert all(more for _, more in got[:-1])
+        assert rec.writes[-1].startswith(b"HTTP/1.1 204 No Content") and b"transfer-encoding" not in rec.writes[-1]
+    run(app, body)
+
+
+def test_a_client_that_leaves_is_a_disconnect_and_later_sends_do_nothing() -> None:
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen.append((await receive())["type"])  # waits until the client leaves
+        await send({"type": "http.response.body", "body": b"late", "more_body": False})
+        seen.append("sent")
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(POST % (0, b""))
+        await steps()
+        before = len(rec.writes)
+        rec.closed = True
+        proto.connection_lost(ConnectionResetError())
+        await steps()
+        assert seen == ["http.disconnect", "sent"] and len(rec.writes) == before
+    run(app, body)
+
+
+def test_http_10_without_length_ends_with_the_connection_and_head_has_no_body() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"stream", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def old(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET / HTTP/1.0\r\n\r\n")
+        await steps()
+        out = rec.output
+        assert b"transfer-encoding" not in out and b"connection: close" in out and out.endswith(b"\r\n\r\nstream")
+        assert rec.closed
+    run(app, old)
+
+    async def head(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        assert rec.output.endswith(b"\r\n\r\n") and b"stream" not in rec.output and not rec.closed
+    run(app, head)
+
+
+def test_malformed_and_oversized_requests_are_refused_and_closed() -> None:
+    async def bad(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"NOT HTTP AT ALL\r\n\r\n")
+        assert rec.output.startswith(b"HTTP/1.1 400 Bad Request") and rec.closed
+    run(answer(), bad)
+
+    async def big(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+        assert rec.output.startswith(b"HTTP/1.1 431 ") and b"over 4096 bytes" in rec.output and rec.closed
+    run(answer(), big, max_head=4096)
+
+
+def test_an_app_that_fails_gets_a_500_before_its_answer_and_a_cut_after() -> None:
+    async def early(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise ValueError("boom")
+
+    async def late(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise ValueError("boom")
+
+    async def check_500(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        assert rec.output.startswith(b"HTTP/1.1 500 Internal Server Error") and rec.closed
+    run(early, check_500)
+
+    async def check_cut(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        assert b"4\r\npart\r\n" in rec.output and not rec.output.endswith(b"0\r\n\r\n") and rec.closed
+    run(late, check_cut)
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_timeout() -> None:
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(POST % (1, b"a"))
+        await asyncio.sleep(0.05)
+        assert b"ok" in rec.output and not rec.closed
+        await asyncio.sleep(0.3)
+        assert rec.closed
+    run(answer(), body, keep_alive=0.2)
+
+
+def test_an_upgrade_request_is_served_as_plain_http_with_its_body() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        msg = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(msg["body"]))]})
+        await send({"type": "http.response.body", "body": msg["body"]})
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                            b"Content-Length: 6\r\n\r\nabc")
+        proto.data_received(b"def")
+        await steps()
+        assert rec.output.endswith(b"\r\n\r\nabcdef") and b"connection: close" in rec.output and rec.closed
+    run(app, body)
 
 
 async def _ok(request: object) -> PlainTextResponse:
@@ -125,6 +330,46 @@ def test_path_router_gives_the_same_answers_as_starlette() -> None:
     assert client.post("/c").text == "fixed"
     assert client.get("/c").status_code == 405
     assert client.get("/nothing").status_code == 404
+
+
+def test_one_error_boundary_answers_in_the_dialect_envelope_and_records_the_status(tmp_path: Path) -> None:
+    """hearth's app without Starlette's two error layers still answers every failure, inside the usage record."""
+    from hearth.app import create_app
+    from hearth.core.errors import NotFound
+    from hearth.engines.fake import FakeEngine
+    from hearth.settings import Settings
+
+    async def boom(request: object) -> PlainTextResponse:
+        raise ValueError("a bug")
+
+    async def gone(request: object) -> PlainTextResponse:
+        raise NotFound("no such thing; try another")
+
+    async def half(request: object) -> Any:
+        async def body() -> Any:
+            yield b"data: 1\n\n"
+            raise ValueError("mid-stream")
+        from starlette.responses import StreamingResponse
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    settings = Settings(home=tmp_path / "h", fake=True)
+    app = create_app(settings, [FakeEngine()], extra_routes=[
+        Route("/v1/boom", boom), Route("/api/gone", gone), Route("/v1/half", half)])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/v1/boom")
+        assert r.status_code == 500 and r.json()["error"]["message"].startswith("internal error (ValueError)")
+        r = client.get("/api/gone")
+        assert r.status_code == 404 and r.json() == {"error": "no such thing; try another"}  # Ollama's envelope
+        r = client.get("/v1/nowhere")
+        assert r.status_code == 404 and "no route GET /v1/nowhere" in r.json()["error"]["message"]
+        r = client.post("/health")
+        assert r.status_code == 405
+        r = client.get("/v1/half")  # started, then failed: what went out stays, no second answer follows
+        assert r.status_code == 200 and r.text == "data: 1\n\n"
+        usage = app.state.hearth.extras["security"]
+        usage.journal.fold()
+        statuses = sorted(row[0] for row in usage.db.query("SELECT status FROM usage"))
+    assert statuses[:3] == [404, 404, 500]
 
 
 @pytest.fixture(scope="module")

@@ -449,6 +449,10 @@ class SecurityMiddleware:
         except HearthError as err:
             await exchange.send_error(err)
             return
+        except Exception as exc:  # a bug or a database error here: still an answer in the dialect's envelope
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            await exchange.send_error(HearthError(f"internal error ({type(exc).__name__}); the server log has details"))
+            return
         try:
             try:
                 await self.app(scope, receive, exchange.send)
