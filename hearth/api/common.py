@@ -170,12 +170,27 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watch.stop()
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+class _Indexed:
+    """One stream as (0, item) pairs: merge's common case, without a task, a queue or an async generator."""
+
+    def __init__(self, stream: AsyncIterator[T]) -> None:
+        self.stream = stream
+
+    def __aiter__(self) -> _Indexed:
+        return self
+
+    async def __anext__(self) -> tuple[int, Any]:
+        return 0, await anext(self.stream)
+
+
+def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Interleave several async iterators, yielding (index, item) as they come."""
-    if len(streams) == 1:  # the common case: no tasks, no queue
-        async for item in streams[0]:
-            yield 0, item
-        return
+    if len(streams) == 1:
+        return _Indexed(streams[0])
+    return _merge_many(streams)
+
+
+async def _merge_many(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     queue: asyncio.Queue[tuple[int, Any, bool]] = asyncio.Queue()
 
     async def pump(i: int, it: AsyncIterator[T]) -> None:

@@ -44,24 +44,32 @@ def check_request(req: GenerateRequest, grammar: bool = True) -> None:
 
 
 class Observed:
-    """A generation that notes first token and usage in the request record."""
+    """A generation that notes first token and usage in the request record.
+
+    An async iterator class, not an async generator (asyncio registers each
+    of those in a weak set: per request, on the hot path).
+    """
 
     def __init__(self, gen: Generation, count_prompt: bool) -> None:
         self.gen = gen
         self.prompt_tokens = gen.prompt_tokens
         self.count_prompt = count_prompt
+        self._it: AsyncIterator[Chunk] | None = None
 
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._run()
+    def __aiter__(self) -> Observed:
+        self._it = aiter(self.gen)
+        return self
 
-    async def _run(self) -> AsyncIterator[Chunk]:
-        async for chunk in self.gen:
-            if chunk.text or chunk.tool_calls or chunk.thinking:
-                record.note_first_token()
-            if chunk.usage is not None:
-                u = chunk.usage
-                record.note_usage(u if self.count_prompt else Usage(completion_tokens=u.completion_tokens))
-            yield chunk
+    async def __anext__(self) -> Chunk:
+        if self._it is None:
+            self._it = aiter(self.gen)
+        chunk = await anext(self._it)
+        if chunk.text or chunk.tool_calls or chunk.thinking:
+            record.note_first_token()
+        if chunk.usage is not None:
+            u = chunk.usage
+            record.note_usage(u if self.count_prompt else Usage(completion_tokens=u.completion_tokens))
+        return chunk
 
     async def aclose(self) -> None:
         await self.gen.aclose()

@@ -34,20 +34,8 @@ def sse_error(err: HearthError) -> bytes:
     return sse(convert.error_body(err))
 
 
-async def _guarded(body: AsyncIterator[bytes], gens: list) -> AsyncIterator[bytes]:
-    """End a stream with an SSE error event on failure; always release the generations."""
-    try:
-        async for piece in body:
-            yield piece
-    except HearthError as err:
-        yield sse_error(err)
-    finally:
-        for g in gens:
-            await g.aclose()
-
-
-def _stream_response(body: AsyncIterator[bytes], gens: list) -> Stream:
-    return Stream(_guarded(body, gens), "text/event-stream", {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _stream_response(body: AsyncIterator[bytes]) -> Stream:
+    return Stream(body, "text/event-stream", {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def chat_completions(request: Request) -> Response:
@@ -61,7 +49,7 @@ async def chat_completions(request: Request) -> Response:
     rid = serving.new_id("chatcmpl")
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-        return _stream_response(_chat_stream(rid, name, gens, req, include_usage), gens)
+        return _stream_response(_chat_stream(rid, name, gens, req, include_usage))
     results = await until_disconnect(request, serving.collect_all(gens, req))
     lp = req.logprobs is not None
     choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls, r.logprobs if lp else None, r.thinking)
@@ -72,35 +60,55 @@ async def chat_completions(request: Request) -> Response:
 async def _chat_stream(
     rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    texts = ["" for _ in gens]
-    calls = [0 for _ in gens]  # tool calls sent so far per choice: the index of the next one
-    usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
-    for i in range(len(gens)):
-        yield sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None}, None))
-    async for i, chunk in merge([aiter(g) for g in gens]):
-        chunk: Chunk
-        logprobs = convert.chat_logprobs(chunk.logprobs) if req.logprobs is not None else None
-        if chunk.thinking:
-            yield sse(convert.chat_chunk(rid, created, model, i, {"reasoning_content": chunk.thinking}, None))
-        if chunk.text:
-            texts[i] += chunk.text
-            yield sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None, logprobs))
-        if chunk.tool_calls:
-            deltas = [convert.tool_call_body(c, calls[i] + k) for k, c in enumerate(chunk.tool_calls)]
-            calls[i] += len(deltas)
-            yield sse(convert.chat_chunk(rid, created, model, i, {"tool_calls": deltas}, None,
-                                         None if chunk.text else logprobs))
-        if chunk.finish_reason:
-            if chunk.usage:
-                usages[i] = chunk.usage
-            yield sse(convert.chat_chunk(rid, created, model, i, {}, chunk.finish_reason))
-            if not calls[i]:
-                validate_output(texts[i], req.response_format, chunk.finish_reason)
-    if include_usage:
-        results = [serving.Result(t, "stop", u) for t, u in zip(texts, usages)]
-        yield sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk", serving.total_usage(results)))
-    yield b"data: [DONE]\n\n"
+    """SSE events of the choices, then usage and [DONE]; a failure ends the stream with an error event
+    (the status line is gone by then); the generations are always released."""
+    out: list[bytes] = []
+    try:
+        created = int(time.time())
+        texts = ["" for _ in gens]
+        calls = [0 for _ in gens]  # tool calls sent so far per choice: the index of the next one
+        usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
+        single = len(gens) == 1
+        # Events of one chunk leave together (one send); the role events wait for the first chunk, and
+        # with one choice its last chunk waits for usage and [DONE], which follow at once.
+        out += [sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None},
+                                       None)) for i in range(len(gens))]
+        async for i, chunk in merge([aiter(g) for g in gens]):
+            chunk: Chunk
+            logprobs = convert.chat_logprobs(chunk.logprobs) if req.logprobs is not None else None
+            if chunk.thinking:
+                out.append(sse(convert.chat_chunk(rid, created, model, i, {"reasoning_content": chunk.thinking}, None)))
+            if chunk.text:
+                texts[i] += chunk.text
+                out.append(sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None, logprobs)))
+            if chunk.tool_calls:
+                deltas = [convert.tool_call_body(c, calls[i] + k) for k, c in enumerate(chunk.tool_calls)]
+                calls[i] += len(deltas)
+                out.append(sse(convert.chat_chunk(rid, created, model, i, {"tool_calls": deltas}, None,
+                                                  None if chunk.text else logprobs)))
+            if chunk.finish_reason:
+                if chunk.usage:
+                    usages[i] = chunk.usage
+                out.append(sse(convert.chat_chunk(rid, created, model, i, {}, chunk.finish_reason)))
+                if not calls[i]:
+                    validate_output(texts[i], req.response_format, chunk.finish_reason)
+                if single:
+                    continue
+            if out:
+                yield b"".join(out)
+                out.clear()
+        if include_usage:
+            results = [serving.Result(t, "stop", u) for t, u in zip(texts, usages)]
+            out.append(sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk",
+                                               serving.total_usage(results))))
+        out.append(b"data: [DONE]\n\n")
+        yield b"".join(out)
+    except HearthError as err:  # what was held back goes first (a finish chunk before its error)
+        out.append(sse_error(err))
+        yield b"".join(out)
+    finally:
+        for g in gens:
+            await g.aclose()
 
 
 async def completions(request: Request) -> Response:
@@ -124,7 +132,7 @@ async def completions(request: Request) -> Response:
     echoes = [(r.prompt or "") if wire.echo else "" for r in reqs for _ in range(wire.n)]
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage, echoes), gens)
+        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage, echoes))
     results = await until_disconnect(request, serving.collect_all(gens, reqs[0]))
     lp = reqs[0].logprobs is not None
     choices = [convert.completion_choice(i, echoes[i] + r.text, r.finish_reason,
@@ -138,26 +146,33 @@ async def completions(request: Request) -> Response:
 async def _completion_stream(
     rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool, echoes: list[str]
 ) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    texts = ["" for _ in gens]
-    completion_tokens = 0
-    for i, echo in enumerate(echoes):
-        if echo:
-            yield sse(convert.completion_response(rid, created, model, [convert.completion_choice(i, echo, None)], None))
-    async for i, chunk in merge([aiter(g) for g in gens]):
-        logprobs = convert.completion_logprobs(chunk.logprobs, len(texts[i])) if req.logprobs is not None else None
-        if chunk.text:
-            texts[i] += chunk.text
-        if chunk.text or chunk.finish_reason:
-            choice = convert.completion_choice(i, chunk.text, chunk.finish_reason, logprobs)
-            yield sse(convert.completion_response(rid, created, model, [choice], None))
-        if chunk.finish_reason:
-            completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0
-            validate_output(texts[i], req.response_format, chunk.finish_reason)
-    if include_usage:
-        usage = Usage(prompt_tokens=sum(g.prompt_tokens for g in gens), completion_tokens=completion_tokens)
-        yield sse(convert.usage_chunk(rid, created, model, "text_completion", usage))
-    yield b"data: [DONE]\n\n"
+    """SSE events of legacy completions (echoed prompts first), usage and [DONE]; errors as for chat."""
+    try:
+        created = int(time.time())
+        texts = ["" for _ in gens]
+        completion_tokens = 0
+        for i, echo in enumerate(echoes):
+            if echo:
+                yield sse(convert.completion_response(rid, created, model, [convert.completion_choice(i, echo, None)], None))
+        async for i, chunk in merge([aiter(g) for g in gens]):
+            logprobs = convert.completion_logprobs(chunk.logprobs, len(texts[i])) if req.logprobs is not None else None
+            if chunk.text:
+                texts[i] += chunk.text
+            if chunk.text or chunk.finish_reason:
+                choice = convert.completion_choice(i, chunk.text, chunk.finish_reason, logprobs)
+                yield sse(convert.completion_response(rid, created, model, [choice], None))
+            if chunk.finish_reason:
+                completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0
+                validate_output(texts[i], req.response_format, chunk.finish_reason)
+        if include_usage:
+            usage = Usage(prompt_tokens=sum(g.prompt_tokens for g in gens), completion_tokens=completion_tokens)
+            yield sse(convert.usage_chunk(rid, created, model, "text_completion", usage))
+        yield b"data: [DONE]\n\n"
+    except HearthError as err:
+        yield sse_error(err)
+    finally:
+        for g in gens:
+            await g.aclose()
 
 
 async def embeddings(request: Request) -> Response:

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -367,7 +366,12 @@ def _normalised(vec: list[float]) -> list[float]:
 
 
 class UpstreamGeneration:
-    """Chunks of one upstream stream; closing early drops the connection (the upstream stops)."""
+    """Chunks of one upstream stream; closing early drops the connection (the upstream stops).
+
+    An async iterator class rather than an async generator: asyncio registers
+    every async generator in a weak set when it starts (two Python calls and a
+    weak reference), and this runs once per proxied request.
+    """
 
     prompt_tokens = 0  # known only at the end; the final chunk's usage carries it
 
@@ -382,78 +386,94 @@ class UpstreamGeneration:
         self.parser = engine.wire.parser(req.messages is not None)
         self._open = True
         self._t0 = time.perf_counter_ns()
+        self._texts: list[str] = []
+        self._rest = b""  # the start of a line not complete yet
+        self._started = False  # something arrived: the idle timeout applies from now on
+        self._deadline = dog.now() + engine.cfg.timeouts.first_token
+        self._ended = False  # the stream is complete: the final chunk is next
+        self._finished = False  # the final chunk went out
 
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._run()
+    def __aiter__(self) -> UpstreamGeneration:
+        return self
 
-    async def _run(self) -> AsyncIterator[Chunk]:
-        eng, parser = self.engine, self.parser
-        texts: list[str] = []
+    async def __anext__(self) -> Chunk:
+        if self._finished:
+            raise StopAsyncIteration
         try:
-            async for text in self._texts():
-                texts.append(text)
-                yield Chunk(text=text, logprobs=parser.take_logprobs(self.req.logprobs),
-                            thinking=parser.take_thinking())
-            eng.pool.succeeded(self.replica)
-            calls = parser.tool_calls()
-            finish = parser.finish or "stop"
-            if calls and finish == "stop":  # Ollama says "stop" after tool calls; OpenAI clients look for this
-                finish = "tool_calls"
-            if not calls:
-                self._check_format("".join(texts), finish)
-            usage = parser.final_usage()
-            usage.total_ns = usage.total_ns or time.perf_counter_ns() - self._t0
-            if self.req.logprobs is not None and texts and not parser.logprobs_seen:
-                log.warning("upstream %r sent no logprobs for %s (it may not support them)", eng.name, self.model)
-            eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
-            yield Chunk(finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
-                        logprobs=parser.take_logprobs(self.req.logprobs), thinking=parser.take_thinking())
+            text = None if self._ended else await self._next_text()
+            if text is not None:
+                self._texts.append(text)
+                parser = self.parser
+                return Chunk(text=text, logprobs=parser.take_logprobs(self.req.logprobs),
+                             thinking=parser.take_thinking())
+            self._finished = True
+            return self._final()
         except HearthError:
-            eng._audit(self.model, 0, parser.pieces, "error")
-            raise
-        finally:
+            self.engine._audit(self.model, 0, self.parser.pieces, "error")
+            self._finished = True
             await self.aclose()
+            raise
+        except BaseException:
+            self._finished = True
+            await self.aclose()
+            raise
 
-    async def _texts(self) -> AsyncIterator[str]:
-        """Text pieces, with the first-token and idle timeouts and clean errors.
+    def _final(self) -> Chunk:
+        """The last chunk: finish reason, usage, tool calls (after the format check)."""
+        eng, parser = self.engine, self.parser
+        eng.pool.succeeded(self.replica)
+        calls = parser.tool_calls()
+        finish = parser.finish or "stop"
+        if calls and finish == "stop":  # Ollama says "stop" after tool calls; OpenAI clients look for this
+            finish = "tool_calls"
+        if not calls:
+            self._check_format("".join(self._texts), finish)
+        usage = parser.final_usage()
+        usage.total_ns = usage.total_ns or time.perf_counter_ns() - self._t0
+        if self.req.logprobs is not None and self._texts and not parser.logprobs_seen:
+            log.warning("upstream %r sent no logprobs for %s (it may not support them)", eng.name, self.model)
+        eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
+        chunk = Chunk(finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
+                      logprobs=parser.take_logprobs(self.req.logprobs), thinking=parser.take_thinking())
+        self._release()
+        return chunk
 
-        Reads whatever bytes have arrived (one timeout per read, not per line:
-        an instant upstream's whole answer is usually one read).
-        """
+    async def _next_text(self) -> str | None:
+        """The text of the next read that carries any (None at the end), with the first-token and idle
+        timeouts and clean errors. Reads whatever bytes have arrived (one timeout per read, not per line:
+        an instant upstream's whole answer is usually one read), so pieces that arrived together go out
+        together: one chunk per read, not per upstream event (fewer writes; same text)."""
         eng, parser, resp, dog = self.engine, self.parser, self.resp, self.dog
         t = eng.cfg.timeouts
-        deadline = dog.now() + t.first_token
-        started = False
-        rest = b""
         while True:
             try:
-                data = await dog.within(dog.now() + t.idle if started else deadline, resp.readany())
+                data = await dog.within(dog.now() + t.idle if self._started else self._deadline, resp.readany())
             except TimeoutError:
-                what = f"sent nothing for {t.idle:g}s (timeouts.idle)" if started else \
+                what = f"sent nothing for {t.idle:g}s (timeouts.idle)" if self._started else \
                     f"sent no token within {t.first_token:g}s (timeouts.first_token)"
                 raise self._broken(what, status=504) from None
             except RETRYABLE as exc:
                 raise self._broken(f"broke the connection: {describe(exc)}") from None
             if not data:
-                if rest:
+                if self._rest:
                     data = b"\n"  # a last line without a newline
                 elif parser.done or parser.finish:
-                    return
+                    self._ended = True
+                    return None
                 else:
                     raise self._broken("closed the stream before finishing")
-            lines = (rest + data).split(b"\n")
-            rest = lines.pop()
-            # Pieces that arrived together go out together: one chunk per read,
-            # not per upstream event (fewer writes; same text).
+            lines = (self._rest + data).split(b"\n")
+            self._rest = lines.pop()
             try:
                 text = parser.feed(lines)
             except UpstreamError as exc:
                 raise UpstreamError(f"upstream {eng.name!r} {exc.message}") from None
-            started = started or bool(text) or parser.calls_seen or bool(parser.thinking)
+            self._ended = parser.done
+            self._started = self._started or bool(text) or parser.calls_seen or bool(parser.thinking)
             if text or parser.thinking:
-                yield text
-            if parser.done:
-                return
+                return text
+            if self._ended:
+                return None
 
     def _broken(self, what: str, status: int = 502) -> UpstreamError:
         """The clean error a caller gets when a started stream fails (never retried)."""
@@ -475,8 +495,8 @@ class UpstreamGeneration:
                 code="upstream_invalid_output",
             )
 
-    async def aclose(self) -> None:
-        """Stop reading; an unfinished stream is cut so the upstream stops generating."""
+    def _release(self) -> None:
+        """Give the connection back (or cut an unfinished stream so the upstream stops generating)."""
         if not self._open:
             return
         self._open = False
@@ -488,3 +508,8 @@ class UpstreamGeneration:
         self.engine.pool.release(self.replica)
         if self.engine.managed is not None:
             self.engine.managed.busy -= 1
+
+    async def aclose(self) -> None:
+        """Stop reading; an unfinished stream is cut so the upstream stops generating."""
+        self._finished = True
+        self._release()
