@@ -63,22 +63,28 @@ ADMIN_PATHS = frozenset({"/metrics", "/api/pull", "/api/delete", "/api/create", 
 ADMIN_PREFIXES = ("/admin/",)
 LOOPBACK_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 NO_RECORD_PATHS = frozenset({"/metrics"})
+STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
 MISSING_KEY = ("this server needs an API key: send `Authorization: Bearer hk-...` or `x-api-key: hk-...`; "
                "an admin creates one with `hearth keys create NAME`")
 INVALID_KEY = ("the API key is not valid (unknown, revoked or expired); check it, or ask an admin for a new one "
                "(`hearth keys list` shows which keys exist)")
 
 
-def presented_secret(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The key from `Authorization: Bearer ...` or `x-api-key`, if any."""
+def scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
+    """The headers' total size (names and values) and the key they present, in one pass."""
+    size = 0
+    secret: str | None = None
     for name, value in headers:
+        size += len(name) + len(value)
+        if secret is not None:
+            continue
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+                secret = token.strip()
         elif name == b"x-api-key" and value.strip():
-            return value.decode("latin-1").strip()
-    return None
+            secret = value.decode("latin-1").strip()
+    return size, secret
 
 
 def dialect_of(path: str) -> str:
@@ -124,7 +130,7 @@ class Security:
         self.cloud_engines = frozenset(n for n, up in (getattr(settings, "upstreams", None) or {}).items()
                                        if getattr(up, "cloud", False))
         self._keys_on = False
-        self._labels: dict[str, str] = {}
+        self._labels: dict[str, tuple[str, str, bool]] = {}
         self._touched: dict[int, float] = {}
 
     def keys_on(self) -> bool:
@@ -133,9 +139,8 @@ class Security:
             self._keys_on = self.keys.any_keys()
         return self._keys_on
 
-    def authorize(self, scope: Scope) -> Key | None:
-        """The calling key (None = keyless owner), or raise 401/403/429."""
-        secret = presented_secret(scope["headers"])
+    def authorize(self, scope: Scope, secret: str | None) -> Key | None:
+        """The calling key (None = keyless owner), or raise 401/403/429; `secret` as `scan_headers` found it."""
         client = scope.get("client")
         local = bool(client) and client[0] in LOOPBACK_CLIENTS
         if secret is None and local and not self.settings.loopback_needs_key:
@@ -155,20 +160,22 @@ class Security:
         self.limiter.admit(key.id, key.rpm, key.tokens_per_day)
         return key
 
-    def route_label(self, scope: Scope) -> str:
-        """The route template a path matched (bounded cardinality for metrics and usage)."""
+    def path_facts(self, scope: Scope) -> tuple[str, str, bool]:
+        """The route template a path matched (bounded cardinality for metrics and usage), its dialect,
+        and whether it is open (no key, no record): one dict lookup per request."""
         path = scope["path"]
-        label = self._labels.get(path)
-        if label is None:
+        facts = self._labels.get(path)
+        if facts is None:
             label = "other"
             for route in getattr(scope.get("app"), "routes", ()):
                 match, _ = route.matches(scope)
                 if match != Match.NONE:
                     label = getattr(route, "path", "other")
                     break
+            facts = (label, dialect_of(path), path in OPEN_PATHS or path.startswith(OPEN_PREFIXES))
             if len(self._labels) < 4096:
-                self._labels[path] = label
-        return label
+                self._labels[path] = facts
+        return facts
 
     async def check_model(self, scope: Scope, receive: Receive, key: Key | None) -> Receive:
         """403 if a restricted key names a model outside its patterns (or a cloud model without opt-in)."""
@@ -344,8 +351,8 @@ class Exchange:
         await self.raw_send(message)
 
     def _start_idle_timer(self, message: Message) -> None:
-        content_type = dict(message.get("headers") or []).get(b"content-type", b"")
-        self.streaming = content_type.startswith((b"text/event-stream", b"application/x-ndjson"))
+        self.streaming = any(name == b"content-type" and value.startswith(STREAM_TYPES)
+                             for name, value in message.get("headers") or ())
         if self.streaming and self.idle > 0:
             loop = asyncio.get_running_loop()
             self.cancelled_task = asyncio.current_task()
@@ -422,27 +429,27 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
         sec = self.security
-        rec, token = open_record(sec.route_label(scope), dialect_of(path))
+        label, dialect, is_open = sec.path_facts(scope)
+        rec, token = open_record(label, dialect)
         exchange = Exchange(sec, scope, send, rec)
         try:
-            await self._serve(scope, receive, exchange)
+            await self._serve(scope, receive, exchange, is_open)
         finally:
             close_record(token)
 
-    async def _serve(self, scope: Scope, receive: Receive, exchange: Exchange) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, exchange: Exchange, is_open: bool) -> None:
         sec = self.security
         try:
-            header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+            header_bytes, secret = scan_headers(scope["headers"])
             if header_bytes > sec.settings.max_header_bytes:
                 raise HearthError(f"request headers are {header_bytes} bytes; the limit is "
                                   f"{sec.settings.max_header_bytes} (setting max_header_bytes)",
                                   status=431, code="request_header_fields_too_large")
-            if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
+            if is_open:
                 await self.app(scope, receive, send_only(exchange))
                 return
-            exchange.key = sec.authorize(scope)
+            exchange.key = sec.authorize(scope, secret)
             scope["hearth.key"] = exchange.key  # for the model lists (visible_models)
             exchange.rec.key_name = exchange.key.name if exchange.key else None
             receive = await sec.check_model(scope, receive, exchange.key)

@@ -22,9 +22,22 @@ T = TypeVar("T")
 
 
 class JSONResponse(Response):
-    """JSON via orjson (fast, and rejects NaN instead of emitting invalid JSON)."""
+    """JSON via orjson (fast, and rejects NaN instead of emitting invalid JSON).
+
+    Without extra headers (nearly every answer) the head is built directly
+    rather than through Starlette's general `init_headers`.
+    """
 
     media_type = "application/json"
+
+    def __init__(self, content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> None:
+        if headers:
+            super().__init__(content, status_code, headers)
+            return
+        self.status_code = status_code
+        self.background = None
+        self.body = orjson.dumps(content)
+        self.raw_headers = [(b"content-length", b"%d" % len(self.body)), (b"content-type", b"application/json")]
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)

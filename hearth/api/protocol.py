@@ -37,6 +37,8 @@ import httptools
 HIGH_WATER = 65536  # request body bytes buffered before the socket is paused
 HEADER_NAME_BAD = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
 HEADER_VALUE_BAD = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+KNOWN_NAMES = frozenset({b"content-type", b"content-length", b"cache-control", b"x-accel-buffering",
+                         b"retry-after", b"www-authenticate", b"transfer-encoding", b"connection", b"location"})
 CHUNKED_END = b"0\r\n\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
@@ -168,7 +170,7 @@ class Cycle:
         parts = [STATUS_LINES.get(status) or _status_line(status), conn.default_head()]
         close_sent = False
         for name, value in headers:
-            if HEADER_NAME_BAD.search(name) or HEADER_VALUE_BAD.search(value):
+            if (name not in KNOWN_NAMES and HEADER_NAME_BAD.search(name)) or HEADER_VALUE_BAD.search(value):
                 raise RuntimeError(f"invalid response header {name!r}: {value!r}")
             name = name.lower()
             if name == b"content-length":
@@ -275,6 +277,8 @@ class HTTPProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._idle_since = self.loop.time()
+        if self.parsing is None:  # between requests or inside a head: bound what a head may take
+            self.head_size += len(data)
         if self.upgraded:
             self._upgraded_body(data)
             return
@@ -305,18 +309,13 @@ class HTTPProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
-        self.head_size = 0
         self.expect_continue = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_size += len(url)
-        if self.head_size > self.max_head:
-            raise HeadTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head:
+        if self.head_size > self.max_head:  # counted per read in data_received; checked here, mid-head
             raise HeadTooLarge()
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
@@ -345,6 +344,7 @@ class HTTPProtocol(asyncio.Protocol):
         }
         cycle = Cycle(self, scope, version != "1.0" and parser.should_keep_alive(), self.expect_continue)
         self.parsing = self.latest = cycle
+        self.head_size = 0
         if self.active is None:
             self._start(cycle)
         else:  # pipelined: its turn comes when the one before has answered

@@ -109,6 +109,7 @@ class KeyStore:
         self.clock = clock
         path = getattr(db, "path", None)
         self.stamp = Path(f"{path}{STAMP_SUFFIX}") if path is not None and str(path) != ":memory:" else None
+        self._stamp_str = str(self.stamp)
         self._seen: object = None  # stamp version the caches below belong to
         self._any: bool | None = None
         self._verified: dict[str, tuple[Key, float | None]] = {}  # secret hash -> key, secret expiry
@@ -124,7 +125,7 @@ class KeyStore:
         if self.stamp is None:
             return None
         try:
-            st = os.stat(self.stamp)
+            st = os.stat(self._stamp_str)  # a str: no Path conversion per request
         except FileNotFoundError:
             return (0, 0, 0)
         return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)

@@ -133,6 +133,7 @@ class Pool:
         self.max_idle = max_idle
         self._idle: defaultdict[tuple[str, int, bool], deque[Connection]] = defaultdict(deque)
         self._urls: dict[str, tuple[tuple[str, int, bool], str, bytes]] = {}
+        self._heads: dict[tuple[str, str], tuple[Mapping[str, str] | None, tuple[str, int, bool], bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
 
     def _split(self, url: str) -> tuple[tuple[str, int, bool], str, bytes]:
@@ -152,6 +153,23 @@ class Pool:
             if len(self._urls) < 4096:
                 self._urls[url] = hit
         return hit
+
+    def _head_start(self, method: str, url: str,
+                    headers: Mapping[str, str] | None) -> tuple[tuple[str, int, bool], bytes]:
+        """The origin and the request head up to Content-Length, cached while the same headers
+        object comes again (engines pass one dict they never change)."""
+        key = (method, url)
+        hit = self._heads.get(key)
+        if hit is not None and hit[0] is headers:
+            return hit[1], hit[2]
+        origin, path, host = self._split(url)
+        head = [f"{method} {path} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host, b"\r\n"]
+        for name, value in (headers or {}).items():
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        start = b"".join(head)
+        if len(self._heads) < 4096:
+            self._heads[key] = (headers, origin, start)
+        return origin, start
 
     async def _connect(self, origin: tuple[str, int, bool]) -> Connection:
         host, port, tls = origin
@@ -183,14 +201,11 @@ class Pool:
     async def request(self, method: str, url: str, body: bytes = b"",
                       headers: Mapping[str, str] | None = None) -> Response:
         """Send a request and read the response head (the body is read from the Response)."""
-        origin, path, host = self._split(url)
-        head = [f"{method} {path} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host, b"\r\n"]
-        for name, value in (headers or {}).items():
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        origin, start = self._head_start(method, url, headers)
         if body or method in ("POST", "PUT", "PATCH"):
-            head.append(b"Content-Length: %d\r\n" % len(body))
-        head.append(b"\r\n")
-        payload = b"".join(head) + body
+            payload = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(body), body)
+        else:
+            payload = start + b"\r\n"
         conn = self._take(origin)
         if conn is not None:
             try:
