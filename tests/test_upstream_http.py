@@ -186,3 +186,45 @@ def test_refused_connection_is_an_oserror() -> None:
         with pytest.raises(OSError):
             await Pool(connect_timeout=5).request("GET", url + "/")
     run(main())
+
+
+def test_a_large_answer_read_slowly_pauses_the_socket_and_bytes_before_a_reset_still_arrive() -> None:
+    size = 2_000_000
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+        await writer.drain()
+
+    async def main() -> None:
+        server, url, _ = await serve(handler)
+        pool = Pool(connect_timeout=5)
+        resp = await pool.request("GET", url + "/big")
+        await asyncio.sleep(0.3)  # a slow reader: the buffer stops near its high-water mark
+        assert resp.conn is not None and len(resp.conn.buffer) < size // 2
+        got = 0
+        while piece := await resp.readany():
+            got += len(piece)
+        assert got == size and resp.done
+        resp.release()
+        await pool.close()
+        server.close()
+    run(main())
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.transport.abort()  # a reset, not a clean close
+
+    async def cut() -> None:
+        server, url, _ = await serve(reset)
+        pool = Pool(connect_timeout=5)
+        resp = await pool.request("GET", url + "/cut")
+        assert await resp.readany() == b"partial"  # what came before the reset is not thrown away
+        with pytest.raises(OSError):
+            await resp.readany()
+        resp.close()
+        await pool.close()
+        server.close()
+    run(cut())

@@ -446,8 +446,9 @@ class UpstreamGeneration:
         eng, parser, resp, dog = self.engine, self.parser, self.resp, self.dog
         t = eng.cfg.timeouts
         while True:
-            try:
-                data = await dog.within(dog.now() + t.idle if self._started else self._deadline, resp.readany())
+            try:  # what is here already needs no wait (an instant upstream's whole answer came with its head)
+                data = resp.ready() or \
+                    await dog.within(dog.now() + t.idle if self._started else self._deadline, resp.readany())
             except TimeoutError:
                 what = f"sent nothing for {t.idle:g}s (timeouts.idle)" if self._started else \
                     f"sent no token within {t.first_token:g}s (timeouts.first_token)"

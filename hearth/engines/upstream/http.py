@@ -3,9 +3,9 @@
 hearth only ever sends JSON requests to servers it was configured with and
 reads JSON, SSE or NDJSON back, so it needs far less than a general client:
 requests with a body of known length; responses framed by Content-Length,
-chunked encoding, or the end of the connection. Doing just that on asyncio
-streams costs a fraction of aiohttp's per-request overhead, which is most of
-what hearth adds as a proxy.
+chunked encoding, or the end of the connection. Doing just that on an
+asyncio protocol costs a fraction of aiohttp's per-request overhead (and of
+asyncio's streams), which is most of what hearth adds as a proxy.
 """
 
 from __future__ import annotations
@@ -18,24 +18,119 @@ from urllib.parse import urlsplit
 
 READ_SIZE = 65536
 MAX_HEAD = 65536
+HIGH_WATER = 4 * READ_SIZE  # bytes buffered before the socket is paused (a slow consumer)
 
 
 class HTTPProtocolError(ConnectionError):
     """The server's answer is not valid HTTP/1.1 (or the connection broke mid-answer)."""
 
 
-class Connection:
-    """One open connection to an origin."""
+class Connection(asyncio.Protocol):
+    """One open connection to an origin: received bytes in a buffer, read by the one request using it.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    A protocol rather than asyncio's streams: a response arriving is one
+    `data_received` call and, usually, no wait at all to read it.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _more(self) -> None:
+        """Wait for more bytes (or the end)."""
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
 
     def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        return self.transport is not None and not self.eof and not self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise BrokenPipeError("the connection is closed")
+        self.transport.write(data)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    def take(self, n: int) -> bytes:
+        """Up to n buffered bytes, without waiting (b"" if none)."""
+        buf = self.buffer
+        if not buf:
+            return b""
+        if len(buf) <= n:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        return data
+
+    async def read(self, n: int) -> bytes:
+        """Up to n bytes, waiting for some; b"" at the end; the connection's error once the buffer is empty."""
+        while not self.buffer:
+            if self.eof:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            await self._more()
+        return self.take(n)
+
+    async def read_until(self, sep: bytes, limit: int) -> bytes:
+        """Bytes up to and including `sep`; HTTPProtocolError past `limit` or at the end (`partial` says
+        whether any bytes had come)."""
+        start = 0
+        while True:
+            i = self.buffer.find(sep, start)
+            if i >= 0:
+                return self.take(i + len(sep))
+            if len(self.buffer) > limit:
+                raise HTTPProtocolError(f"the response head is larger than {limit} bytes")
+            if self.eof:
+                err = HTTPProtocolError("the connection closed in the middle of an answer")
+                err.partial = bool(self.buffer)  # type: ignore[attr-defined]
+                raise err
+            start = max(0, len(self.buffer) - len(sep) + 1)
+            await self._more()
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            if self.eof:
+                raise HTTPProtocolError("the connection closed in the middle of a chunk")
+            await self._more()
+        return self.take(n)
 
 
 class Response:
@@ -59,45 +154,55 @@ class Response:
         self.chunk_left = 0
         self.done = self.left == 0
 
+    def ready(self) -> bytes:
+        """Body bytes that are here already, without waiting (b"" if none); framing as `readany`."""
+        conn = self.conn
+        if self.done or conn is None or not conn.buffer or self.chunked:
+            return b""  # chunked pieces go through readany (a chunk may be half here)
+        if self.left < 0:
+            return conn.take(READ_SIZE)
+        data = conn.take(min(self.left, READ_SIZE))
+        self.left -= len(data)
+        self.done = self.left == 0
+        return data
+
     async def readany(self) -> bytes:
         """The next piece of the body; b"" once it is complete."""
         if self.done or self.conn is None:
             return b""
-        reader = self.conn.reader
+        conn = self.conn
         if self.chunked:
-            return await self._read_chunk(reader)
+            return await self._read_chunk(conn)
         if self.left < 0:  # until the server closes
-            data = await reader.read(READ_SIZE)
+            data = await conn.read(READ_SIZE)
             if not data:
                 self.done = True
             return data
-        data = await reader.read(min(self.left, READ_SIZE))
+        data = await conn.read(min(self.left, READ_SIZE))
         if not data:
             raise HTTPProtocolError(f"the connection closed with {self.left} bytes of the body missing")
         self.left -= len(data)
         self.done = self.left == 0
         return data
 
-    async def _read_chunk(self, reader: asyncio.StreamReader) -> bytes:
+    async def _read_chunk(self, conn: Connection) -> bytes:
         try:
             while self.chunk_left == 0:
-                line = await reader.readuntil(b"\r\n")
+                line = await conn.read_until(b"\r\n", MAX_HEAD)
                 size = int(line.split(b";", 1)[0].strip() or b"x", 16)
                 if size == 0:
-                    while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    while (await conn.read_until(b"\r\n", MAX_HEAD)) != b"\r\n":  # trailers
                         pass
                     self.done = True
                     return b""
                 self.chunk_left = size
-            data = await reader.read(min(self.chunk_left, READ_SIZE))
+            data = await conn.read(min(self.chunk_left, READ_SIZE))
             if not data:
                 raise HTTPProtocolError("the connection closed in the middle of a chunk")
             self.chunk_left -= len(data)
             if self.chunk_left == 0:
-                await reader.readexactly(2)  # CRLF after the chunk
+                await conn.read_exactly(2)  # CRLF after the chunk
             return data
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-            raise HTTPProtocolError("the connection closed in the middle of a chunk") from exc
         except ValueError as exc:
             raise HTTPProtocolError(f"bad chunk size in the response: {exc}") from None
 
@@ -179,8 +284,8 @@ class Pool:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
         async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(host, port, ssl=context, limit=MAX_HEAD)
-        return Connection(reader, writer)
+            _, conn = await asyncio.get_running_loop().create_connection(Connection, host, port, ssl=context)
+        return conn
 
     def put(self, origin: tuple[str, int, bool], conn: Connection) -> None:
         idle = self._idle[origin]
@@ -220,18 +325,18 @@ class Pool:
     async def _exchange(self, origin: tuple[str, int, bool], conn: Connection, method: str,
                         payload: bytes) -> Response:
         try:
-            conn.writer.write(payload)
+            conn.write(payload)
             try:
-                raw = await conn.reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
+                raw = await conn.read_until(b"\r\n\r\n", MAX_HEAD)
+            except HTTPProtocolError as exc:
+                if not hasattr(exc, "partial"):
+                    raise
                 err = HTTPProtocolError("the server closed the connection without answering")
                 err.before_answer = not exc.partial  # type: ignore[attr-defined]
                 raise err from None
-            except asyncio.LimitOverrunError:
-                raise HTTPProtocolError(f"the response head is larger than {MAX_HEAD} bytes") from None
             status, headers = parse_head(raw)
             while 100 <= status < 200:  # 100 Continue and friends: the real answer follows
-                status, headers = parse_head(await conn.reader.readuntil(b"\r\n\r\n"))
+                status, headers = parse_head(await conn.read_until(b"\r\n\r\n", MAX_HEAD))
         except BaseException:
             conn.close()
             raise
