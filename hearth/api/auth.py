@@ -226,13 +226,14 @@ class Security:
         """Commit the usage row, count tokens toward quotas and update metrics."""
         t = self.clock()
         tokens = rec.prompt_tokens + rec.completion_tokens
+        ttft_ms, duration_ms = rec.ttft_ms, rec.duration_ms
         if rec.route not in NO_RECORD_PATHS:
             row = UsageRow(
                 ts=t, key_id=key.id if key else None, key_name=key.name if key else None, model=rec.model,
                 engine=rec.engine, cloud=bool(getattr(rec, "cloud", False)) or rec.engine in self.cloud_engines,
                 dialect=rec.dialect, route=rec.route, status=rec.status, prompt_tokens=rec.prompt_tokens,
-                completion_tokens=rec.completion_tokens, cached_tokens=rec.cached_tokens, ttft_ms=rec.ttft_ms,
-                duration_ms=rec.duration_ms)
+                completion_tokens=rec.completion_tokens, cached_tokens=rec.cached_tokens, ttft_ms=ttft_ms,
+                duration_ms=duration_ms)
             touch = key.id if key is not None and t - self._touched.get(key.id, 0.0) >= 1.0 else None
             if touch is not None:  # last-used, to the second
                 self._touched[touch] = t
@@ -248,7 +249,7 @@ class Security:
                 self.usage.record(row)  # one statement: committed on its own
         if key is not None and tokens:
             self.limiter.add_tokens(key.id, tokens, t)
-        self.metrics.observe(rec, rec.route)
+        self.metrics.observe(rec, rec.route, ttft_ms, duration_ms)
 
     async def settle_usage(self) -> None:
         """Fold the journal, so that a summary read next counts every finished request."""

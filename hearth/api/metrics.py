@@ -112,8 +112,9 @@ class Metrics:
         self.engines = EngineCollector()
         self.registry.register(self.engines)
 
-    def observe(self, rec: RequestRecord, route: str) -> None:
-        """Count one finished request."""
+    def observe(self, rec: RequestRecord, route: str, ttft_ms: float | None = None,
+                duration_ms: float | None = None) -> None:
+        """Count one finished request (its timings if already computed)."""
         s = self.series
         model = rec.model or ""
         key = (route, model, str(rec.status))
@@ -122,7 +123,7 @@ class Metrics:
             s.tokens[(model, "in")] = s.tokens.get((model, "in"), 0) + rec.prompt_tokens
         if rec.completion_tokens:
             s.tokens[(model, "out")] = s.tokens.get((model, "out"), 0) + rec.completion_tokens
-        ttft = rec.ttft_ms
+        ttft = rec.ttft_ms if ttft_ms is None else ttft_ms
         if ttft is not None:
             hist = s.ttft.get(model)
             if hist is None:
@@ -131,7 +132,7 @@ class Metrics:
         hist = s.duration.get(route)
         if hist is None:
             hist = s.duration[route] = Histogram(DURATION_BUCKETS)
-        hist.observe(rec.duration_ms / 1000)
+        hist.observe((rec.duration_ms if duration_ms is None else duration_ms) / 1000)
 
     async def refresh_engines(self, engines: Iterable[Any]) -> None:
         """Ask each engine with a `stats()` hook for its current figures."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import socket
@@ -84,6 +85,9 @@ async def _run(settings: Settings, sock: socket.socket) -> int:
         print(banner(settings, port), flush=True)
 
     async with app.router.lifespan_context(app):
+        # what startup built lives as long as the server: out of the collector's way, so a full
+        # collection walks only what requests made (shorter pauses, less of the cache swept)
+        gc.freeze()
         watcher = asyncio.ensure_future(announce())
         try:
             await server.serve(sockets=[sock])

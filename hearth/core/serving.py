@@ -113,10 +113,15 @@ def check_think_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -
 
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
-    check_request(req, grammar=not getattr(engine, "passes_format_through", False))
-    check_tool_support(engine, info, req)
-    check_logprob_support(engine, info, req)
-    check_think_support(engine, info, req)
+    # each check only when the request asks for what it guards (most ask for none of it)
+    if req.response_format.type == "json_schema":
+        check_request(req, grammar=not getattr(engine, "passes_format_through", False))
+    if req.tools or req.messages:
+        check_tool_support(engine, info, req)
+    if req.logprobs is not None:
+        check_logprob_support(engine, info, req)
+    if req.think not in (None, False):
+        check_think_support(engine, info, req)
     record.note_model(info)
     gens: list[Generation] = []
     try:
@@ -190,6 +195,8 @@ async def collect_all(gens: list[Generation], req: GenerateRequest) -> list[Resu
 def total_usage(results: list[Result]) -> Usage:
     """Sum usage over the choices of one request (prompt counted once)."""
     first = results[0].usage
+    if len(results) == 1:
+        return first
     return Usage(
         prompt_tokens=first.prompt_tokens,
         completion_tokens=sum(r.usage.completion_tokens for r in results),

@@ -92,8 +92,12 @@ class GenerateRequest:
     @property
     def uses_tools(self) -> bool:
         """True when the model may call tools or the history holds tool calls."""
-        return bool(self.tools and self.tool_choice != "none") or any(
-            m.tool_calls for m in self.messages or ())
+        if self.tools and self.tool_choice != "none":
+            return True
+        for m in self.messages or ():
+            if m.tool_calls:
+                return True
+        return False
 
     @property
     def is_chat(self) -> bool:

@@ -175,6 +175,20 @@ class SSEParser(StreamParser):
         super().__init__(chat)
         self._partial: dict[int, list[str]] = {}  # tool call index -> [id, name, arguments so far]
 
+    def payloads(self, lines: list[bytes]) -> list[bytes]:
+        """The JSON of each `data:` line, up to `[DONE]` (one loop: this runs per upstream read)."""
+        out = []
+        for line in lines:
+            if line[:5] != b"data:":
+                continue  # separators, comments, `event:` lines
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                break
+            if payload:
+                out.append(payload)
+        return out
+
     def payload(self, line: bytes) -> bytes | None:
         """The JSON after `data:`; None for separators, comments, `event:` lines and `[DONE]`."""
         if not line.startswith(b"data:"):

@@ -48,6 +48,9 @@ class ReplicaPool:
         Ties rotate so that sequential requests spread too. With no healthy
         replica left, an ejected untried one is returned (last resort).
         """
+        if len(self.replicas) == 1:  # the common case: no lists to build
+            only = self.replicas[0]
+            return None if only in tried else only
         candidates = [r for r in self.replicas if r not in tried]
         if not candidates:
             return None

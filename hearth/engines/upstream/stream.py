@@ -37,8 +37,8 @@ class StreamParser:
         """Take in one event; returns the text it carries ("" for none)."""
         raise NotImplementedError
 
-    def feed(self, lines: list[bytes]) -> str:
-        """The text of complete lines (those of one read), up to the end of the stream."""
+    def payloads(self, lines: list[bytes]) -> list[bytes]:
+        """The JSON of each line that carries one, up to the end marker (subclasses may do it in one loop)."""
         payloads = []
         for line in lines:
             if not line or line == b"\r":  # event separators carry nothing
@@ -48,6 +48,11 @@ class StreamParser:
                 payloads.append(payload)
             if self.done:
                 break
+        return payloads
+
+    def feed(self, lines: list[bytes]) -> str:
+        """The text of complete lines (those of one read), up to the end of the stream."""
+        payloads = self.payloads(lines)
         if not payloads:
             return ""
         try:
