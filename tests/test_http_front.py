@@ -227,6 +227,33 @@ def test_a_client_that_leaves_is_a_disconnect_and_later_sends_do_nothing() -> No
     run(app, body)
 
 
+def test_the_disconnect_extension_calls_back_only_while_the_answer_is_open() -> None:
+    calls: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        notify = scope["extensions"]["hearth.on_disconnect"]
+        notify(lambda: calls.append(scope["path"]))
+        if scope["path"] == "/done":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await asyncio.sleep(3600)
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET /done HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        proto.data_received(b"GET /open HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        cycle = proto.active
+        assert cycle is not None
+        proto.connection_lost(None)
+        assert calls == ["/open"]  # the finished answer's callback is never called
+        late: list[str] = []
+        cycle.notify(lambda: late.append("late"))  # registered after the client left: called at once
+        assert late == ["late"]
+    run(app, body)
+
+
 def test_http_10_without_length_ends_with_the_connection_and_head_has_no_body() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})

@@ -345,15 +345,16 @@ class Exchange:
             self._start_idle_timer(message)
         elif kind == "http.response.body":
             if not message.get("more_body", False):
-                self._stop_idle_timer()
-                self.finish()
+                self.finish()  # stops the idle timer too
             elif self._timer is not None:
                 self._last = asyncio.get_running_loop().time()
         await self.raw_send(message)
 
     def _start_idle_timer(self, message: Message) -> None:
-        self.streaming = any(name == b"content-type" and value.startswith(STREAM_TYPES)
-                             for name, value in message.get("headers") or ())
+        for name, value in message.get("headers") or ():
+            if name == b"content-type":
+                self.streaming = value.startswith(STREAM_TYPES)
+                break
         if self.streaming and self.idle > 0:
             loop = asyncio.get_running_loop()
             self.cancelled_task = asyncio.current_task()

@@ -12,14 +12,17 @@ the `date` header) and middleware (proxy headers):
 - pipelined requests wait their turn; `Connection: close`, HTTP/1.0 and
   keep-alive work as in RFC 9112; a connection idle for the keep-alive timeout
   is closed by one timer per connection (not one per request);
-- writes are joined: a response head waits for the body that follows it (or
-  the end of the event-loop step), chunked pieces written in one step leave in
-  one send, and the end of a response goes out at once. On loopback every
+- writes are joined: a sized response's head waits for its body, a stream's
+  head for its first piece or the end of the event-loop step; chunked pieces
+  written in one step leave in one send, and the end of a response goes out
+  at once. On loopback every
   send is a system call that also wakes the reader: a small JSON answer
   leaves in one send instead of two, a short SSE stream in one instead of six;
 - a head larger than `max_head` is a 431, a malformed request a 400; after a
   disconnect `receive` says `http.disconnect` and `send` does nothing (ASGI
-  spec 2.3, as uvicorn), so a streaming app is told and stops.
+  spec 2.3, as uvicorn), so a streaming app is told and stops;
+- the scope extension `hearth.on_disconnect` takes a callback for the moment
+  the client leaves, so watching for that needs no timer or task.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import http
 import logging
 import re
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -74,7 +78,7 @@ class Cycle:
     """One request and its response: the `receive` and `send` the app is given."""
 
     __slots__ = ("conn", "scope", "keep_alive", "body", "buffered", "body_done", "delivered", "waiter", "expect_continue",
-                 "disconnected", "started", "complete", "chunked", "left", "head_only")
+                 "disconnected", "started", "complete", "chunked", "left", "head_only", "on_disconnect")
 
     def __init__(self, conn: HTTPProtocol, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
         self.conn = conn
@@ -92,6 +96,16 @@ class Cycle:
         self.chunked = False
         self.left = -1  # bytes the Content-Length still promises; -1 without one
         self.head_only = scope["method"] == "HEAD"
+        self.on_disconnect: Callable[[], None] | None = None
+        scope["extensions"] = {"hearth.on_disconnect": self.notify}
+
+    def notify(self, callback: Callable[[], None] | None) -> None:
+        """The `hearth.on_disconnect` extension: `callback` is called if the client leaves before the
+        answer is complete (None: no longer); at once if it has left already."""
+        if callback is not None and self.disconnected and not self.complete:
+            callback()
+            return
+        self.on_disconnect = callback
 
     def wake(self) -> None:
         """Wake a `receive` that waits for body or the end."""
@@ -132,7 +146,11 @@ class Cycle:
                 raise RuntimeError(f"expected ASGI message 'http.response.start', got {kind!r}")
             self.started = True
             self.expect_continue = False
-            conn.hold(self._head(message["status"], message.get("headers") or ()))
+            head = self._head(message["status"], message.get("headers") or ())
+            if self.chunked:
+                conn.hold(head)  # a stream: its head leaves by the end of this step, body or not
+            else:
+                conn.held.append(head)  # a sized (or no) body follows: its write takes the head along
             return
         if self.complete:
             raise RuntimeError(f"unexpected ASGI message {kind!r} after the response was complete")
@@ -260,9 +278,12 @@ class HTTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
         for cycle in (self.active, self.parsing):
-            if cycle is not None and not cycle.complete:
+            if cycle is not None and not cycle.complete and not cycle.disconnected:
                 cycle.disconnected = True
                 cycle.wake()
+                callback, cycle.on_disconnect = cycle.on_disconnect, None
+                if callback is not None:
+                    callback()
         self.queue.clear()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)

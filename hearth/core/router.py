@@ -47,6 +47,7 @@ class Router:
         self._table: dict[str, Hit] = {}
         self._qualified: dict[str, Hit] = {}
         self._checked: set[str] = set()
+        self._resolved: dict[str, tuple[str | None, Hit]] = {}  # name asked -> (alias, hit), per table
 
     async def refresh(self) -> None:
         """Rebuild the name table from every engine's model list."""
@@ -58,6 +59,7 @@ class Router:
                 if "@" not in info.id:
                     qualified.setdefault(f"{info.id}@{engine.name}", (engine, info))
         self._table, self._qualified = table, qualified
+        self._resolved = {}
         for alias, target in self.aliases.items():
             hit = self._find(target)
             if hit is not None:
@@ -97,14 +99,21 @@ class Router:
         if not self._table:
             await self.refresh()
         wanted = name or self.default_model
-        alias = self._alias(wanted)
-        target = self.aliases[alias] if alias else wanted
-        hit = self._find(target)
-        if hit is None:
-            await self.refresh()
-            hit = self._find(target)
-        if hit is None:
-            self._raise_missing(wanted, target)
+        known = self._resolved.get(wanted)  # the same name again: no spellings to try
+        if known is not None:
+            alias, hit = known
+        else:
+            alias = self._alias(wanted)
+            target = self.aliases[alias] if alias else wanted
+            found = self._find(target)
+            if found is None:
+                await self.refresh()
+                found = self._find(target)
+            if found is None:
+                self._raise_missing(wanted, target)
+            hit = found  # type: ignore[assignment]
+            if len(self._resolved) < 1024:
+                self._resolved[wanted] = (alias, hit)
         if alias in self.dimensions and alias not in self._checked:
             await self._check_dimension(alias, *hit)
         return hit

@@ -54,7 +54,7 @@ def _sampling(req: w.SamplingFields) -> Sampling:
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         repeat_penalty=req.repeat_penalty,
-        logit_bias=_logit_bias(req.logit_bias),
+        logit_bias=_logit_bias(req.logit_bias) if req.logit_bias else {},
     )
 
 
@@ -136,13 +136,18 @@ def _completion_logprobs(req: w.CompletionRequest) -> int | None:
 def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
     """OpenAI chat request -> core GenerateRequest."""
     _reject_unsupported(req)
-    extra = req.model_extra or {}
-    for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
-        if extra.get(old) is not None:  # ignoring them would answer as if no function existed
-            raise BadRequest(f"`{old}` is the deprecated form of `{new}`; send `{new}` instead "
-                             '(each function as {"type": "function", "function": {...}})', param=old)
-    tool_list = tools.check_tools(req.tools)
-    choice = tools.check_tool_choice(req.tool_choice, tool_list)
+    extra = req.model_extra
+    if extra:
+        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+            if extra.get(old) is not None:  # ignoring them would answer as if no function existed
+                raise BadRequest(f"`{old}` is the deprecated form of `{new}`; send `{new}` instead "
+                                 '(each function as {"type": "function", "function": {...}})', param=old)
+    if req.tools is None and req.tool_choice is None:  # most requests: nothing to check
+        tool_list: list[dict[str, Any]] = []
+        choice = None
+    else:
+        tool_list = tools.check_tools(req.tools)
+        choice = tools.check_tool_choice(req.tool_choice, tool_list)
     return GenerateRequest(
         model=req.model or "",
         messages=[_message(m, i) for i, m in enumerate(req.messages)],
@@ -154,7 +159,7 @@ def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
         tools=tool_list,
         tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls,
-        logprobs=_chat_logprobs(req),
+        logprobs=None if req.logprobs is None and req.top_logprobs is None else _chat_logprobs(req),
         think=False if req.reasoning_effort == "none" else req.reasoning_effort,
     )
 
