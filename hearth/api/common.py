@@ -112,7 +112,11 @@ class Stream(Response):
         self.status_code = 200
         self.media_type = media_type
         self.background = None
-        self.init_headers(headers)
+        if media_type.startswith("text/") and "charset=" not in media_type:  # as Starlette says it
+            media_type += "; charset=utf-8"
+        self.raw_headers = [(b"content-type", media_type.encode("latin-1"))]
+        for name, value in (headers or {}).items():
+            self.raw_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
