@@ -139,11 +139,14 @@ class Stream(Response):
                 await aclose()
 
 
-async def read_json(request: Request, limit: int, allow_empty: bool = False) -> Any:
-    """Read and parse a JSON body no larger than `limit` bytes (an empty one is {} if `allow_empty`)."""
-    for name, value in request.scope["headers"]:
+def _check_declared_length(scope: Scope, limit: int) -> None:
+    for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise PayloadTooLarge(f"request body is {int(value)} bytes; the limit is {limit} (setting max_body_bytes)")
+
+
+async def read_json(request: Request, limit: int, allow_empty: bool = False) -> Any:
+    """Read and parse a JSON body no larger than `limit` bytes (an empty one is {} if `allow_empty`)."""
     chunks: list[bytes] = []
     size = 0
     receive = request.receive  # straight from ASGI: Request.stream() is an async generator per request
@@ -158,7 +161,9 @@ async def read_json(request: Request, limit: int, allow_empty: bool = False) -> 
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    raw = b"".join(chunks)
+        if len(chunks) == 1:  # more to come: refuse a declared oversize body before reading it all
+            _check_declared_length(request.scope, limit)
+    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if not raw.strip():
         if allow_empty:
             return {}
