@@ -99,6 +99,10 @@ class DisconnectWatch:
         return self.gone and self.task.uncancel() == 0
 
 
+class LastPiece(bytes):
+    """A body iterator's last piece, marked so: `Stream` sends it as the end of the body (one send fewer)."""
+
+
 class Stream(Response):
     """A streamed body that stops (closing the body iterator) when the client leaves.
 
@@ -122,12 +126,16 @@ class Stream(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         watch = DisconnectWatch(scope, receive)
         try:
+            end = b""
             async for piece in self.body_iterator:
+                if type(piece) is LastPiece:
+                    end = piece
+                    break
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             watch.stop()
             if watch.gone:  # left just as the body ended: take the cancel meant for the body
                 await asyncio.sleep(0)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": end, "more_body": False})
         except asyncio.CancelledError:
             if not watch.left():
                 raise

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from hearth import __version__
 from hearth.api.auth import visible_models
-from hearth.api.common import JSONResponse, Stream, parse, read_json, until_disconnect
+from hearth.api.common import JSONResponse, LastPiece, Stream, parse, read_json, until_disconnect
 from hearth.api.ollama import convert
 from hearth.api.ollama import schemas as w
 from hearth.core import serving
@@ -133,7 +133,8 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
                 usage = chunk.usage or usage
         if not calls:
             validate_output("".join(parts), req.response_format, finish)
-        yield ndjson(convert.final_body(kind, name, _created_at(), "", finish, usage, time.perf_counter_ns() - t0))
+        yield LastPiece(ndjson(convert.final_body(kind, name, _created_at(), "", finish, usage,
+                                                  time.perf_counter_ns() - t0)))
     except HearthError as err:
         yield ndjson(convert.error_body(err.message))
     except Exception as exc:  # the status line is gone: the error must travel in the stream

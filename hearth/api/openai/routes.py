@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hearth.api.auth import visible_models
-from hearth.api.common import JSONResponse, Stream, merge, parse, read_json, until_disconnect
+from hearth.api.common import JSONResponse, LastPiece, Stream, merge, parse, read_json, until_disconnect
 from hearth.api.openai import convert
 from hearth.api.openai import schemas as w
 from hearth.core import serving
@@ -102,7 +102,7 @@ async def _chat_stream(
             out.append(sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk",
                                                serving.total_usage(results))))
         out.append(b"data: [DONE]\n\n")
-        yield b"".join(out)
+        yield LastPiece(b"".join(out))
     except HearthError as err:  # what was held back goes first (a finish chunk before its error)
         out.append(sse_error(err))
         yield b"".join(out)
