@@ -434,27 +434,24 @@ class HTTPProtocol(asyncio.Protocol):
             await self.app(cycle.scope, cycle.receive, cycle.send)
         except BaseException as exc:  # the app failed: answer 500 if nothing went out yet, else cut
             log.error("Exception in ASGI application", exc_info=exc)
-            if not cycle.started and not cycle.disconnected:
-                self.write(plain_response(500, "Internal Server Error"))
-                cycle.complete = True
-                cycle.keep_alive = False
-                self.response_done(cycle)
-            elif not cycle.complete:
-                self.flush()
-                self.transport.close()
+            if not cycle.disconnected:
+                self._end_broken(cycle)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return
         if cycle.disconnected or cycle.complete:
             return
+        log.error("ASGI callable returned without %s the response", "completing" if cycle.started else "starting")
+        self._end_broken(cycle)
+
+    def _end_broken(self, cycle: Cycle) -> None:
+        """After an app failed: a 500 if it had not started answering, else cut the connection."""
         if not cycle.started:
-            log.error("ASGI callable returned without starting a response")
             self.write(plain_response(500, "Internal Server Error"))
             cycle.complete = True
             cycle.keep_alive = False
             self.response_done(cycle)
-        else:
-            log.error("ASGI callable returned without completing the response")
+        elif not cycle.complete:
             self.flush()
             self.transport.close()
 
