@@ -144,6 +144,22 @@ def test_chunked_pieces_of_one_step_are_joined_and_the_end_flushes() -> None:
     run(app, body)
 
 
+def test_a_stream_that_ends_in_its_first_step_leaves_sized_in_one_send() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        assert len(rec.writes) == 1
+        head, _, rest = rec.writes[0].partition(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head and b"content-length: 23" in head
+        assert rest == b"data: 1\n\ndata: [DONE]\n\n"
+    run(app, body)
+
+
 def test_a_held_head_goes_out_by_itself_at_the_end_of_the_step() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})

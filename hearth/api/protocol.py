@@ -15,7 +15,8 @@ the `date` header) and middleware (proxy headers):
 - writes are joined: a sized response's head waits for its body, a stream's
   head for its first piece or the end of the event-loop step; chunked pieces
   written in one step leave in one send, and the end of a response goes out
-  at once. On loopback every
+  at once. A stream that ends within the step it began in (a short answer
+  from an instant upstream) leaves as one response with a Content-Length. On loopback every
   send is a system call that also wakes the reader: a small JSON answer
   leaves in one send instead of two, a short SSE stream in one instead of six;
 - a head larger than `max_head` is a 431, a malformed request a 400; after a
@@ -78,7 +79,8 @@ class Cycle:
     """One request and its response: the `receive` and `send` the app is given."""
 
     __slots__ = ("conn", "scope", "keep_alive", "body", "buffered", "body_done", "delivered", "waiter", "expect_continue",
-                 "disconnected", "started", "complete", "chunked", "left", "head_only", "on_disconnect")
+                 "disconnected", "started", "complete", "chunked", "left", "head_only", "on_disconnect",
+                 "head", "head_parts", "te_at", "pieces")
 
     def __init__(self, conn: HTTPProtocol, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
         self.conn = conn
@@ -97,6 +99,10 @@ class Cycle:
         self.left = -1  # bytes the Content-Length still promises; -1 without one
         self.head_only = scope["method"] == "HEAD"
         self.on_disconnect: Callable[[], None] | None = None
+        self.head = b""
+        self.head_parts: list[bytes] | None = None  # a head hearth chose chunked for, as parts ...
+        self.te_at = 0  # ... with its transfer-encoding line here
+        self.pieces: list[bytes] = []  # the body so far while none of the response has left
         scope["extensions"] = {"hearth.on_disconnect": self.notify}
 
     def notify(self, callback: Callable[[], None] | None) -> None:
@@ -146,7 +152,7 @@ class Cycle:
                 raise RuntimeError(f"expected ASGI message 'http.response.start', got {kind!r}")
             self.started = True
             self.expect_continue = False
-            head = self._head(message["status"], message.get("headers") or ())
+            head = self.head = self._head(message["status"], message.get("headers") or ())
             if self.chunked:
                 conn.hold(head)  # a stream: its head leaves by the end of this step, body or not
             else:
@@ -172,6 +178,8 @@ class Cycle:
             data = body
         if more:
             if self.chunked:
+                if self.head_parts is not None:
+                    self.pieces.append(body)
                 conn.hold(data)  # joined with what else this step writes
             else:
                 conn.write(data)
@@ -179,9 +187,22 @@ class Cycle:
         if self.left > 0 and not self.head_only:
             raise RuntimeError("response content is shorter than its Content-Length")
         self.complete = True
+        if self.head_parts is not None and conn.held and conn.held[0] is self.head:
+            data = self._sized(body)  # the whole answer is still here: it leaves with a Content-Length
+            conn.held.clear()
         conn.write(data)
         self.wake()
         conn.response_done(self)
+
+    def _sized(self, last: bytes) -> bytes:
+        """A stream that ended before any of it left, as one response with a Content-Length (no chunk
+        framing for the client to take apart)."""
+        parts = self.head_parts
+        assert parts is not None
+        self.pieces.append(last)
+        body = b"".join(self.pieces)
+        parts[self.te_at] = b"content-length: %d\r\n" % len(body)
+        return b"".join(parts) + body
 
     def _head(self, status: int, headers: Any) -> bytes:
         conn = self.conn
@@ -204,6 +225,7 @@ class Cycle:
                 self.keep_alive = False
             else:
                 self.chunked = True
+                self.head_parts, self.te_at = parts, len(parts)
                 parts.append(b"transfer-encoding: chunked\r\n")
         if not self.keep_alive and not close_sent:
             parts.append(b"connection: close\r\n")
