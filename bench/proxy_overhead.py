@@ -10,7 +10,9 @@ call; the targets take turns in ten slices so drift hits them alike) and the req
 
 LiteLLM belongs in its own venv (`pip install 'litellm[proxy]'`); without it
 that column is skipped with a message. `floor` is a bare Starlette + aiohttp
-pass-through proxy: what any Python proxy pays on this machine right now.
+pass-through proxy: what any Python proxy pays on this machine right now (it
+reads an upstream stream whole before answering, so its stream rows are not
+streaming; hearth's are).
 """
 
 from __future__ import annotations
