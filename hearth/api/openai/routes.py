@@ -13,7 +13,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hearth.api.auth import visible_models
-from hearth.api.common import JSONResponse, LastPiece, Stream, merge, parse, read_json, until_disconnect
+from hearth.api.common import (
+    JSONResponse,
+    LastPiece,
+    Stream,
+    merge,
+    parse,
+    read_json,
+    until_disconnect,
+)
 from hearth.api.openai import convert
 from hearth.api.openai import schemas as w
 from hearth.core import serving

@@ -19,7 +19,14 @@ from typing import Any
 import orjson
 
 from hearth.core import record
-from hearth.core.errors import BadRequest, EngineUnavailable, HearthError, NotFound, RateLimited, UpstreamError
+from hearth.core.errors import (
+    BadRequest,
+    EngineUnavailable,
+    HearthError,
+    NotFound,
+    RateLimited,
+    UpstreamError,
+)
 from hearth.core.structured import output_problem
 from hearth.core.types import (
     Chunk,
