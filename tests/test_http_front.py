@@ -123,8 +123,11 @@ def test_head_and_sized_body_leave_in_one_send() -> None:
 def test_chunked_pieces_of_one_step_are_joined_and_the_end_flushes() -> None:
     gate = asyncio.Event()
 
+    cycle: list[Any] = []
+
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
+        cycle.append(send.__self__)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         await send({"type": "http.response.body", "body": b"hello", "more_body": True})
         await send({"type": "http.response.body", "body": b"!", "more_body": True})
@@ -141,6 +144,7 @@ def test_chunked_pieces_of_one_step_are_joined_and_the_end_flushes() -> None:
         gate.set()
         await steps()
         assert rec.writes[1:] == [b"3\r\nbye\r\n0\r\n\r\n"]  # the last piece goes at once with what was held
+        assert cycle[0].pieces == []  # once pieces have left, a long stream keeps none of its body
     run(app, body)
 
 

@@ -179,7 +179,11 @@ class Cycle:
         if more:
             if self.chunked:
                 if self.head_parts is not None:
-                    self.pieces.append(body)
+                    if conn.held and conn.held[0] is self.head:
+                        self.pieces.append(body)
+                    else:  # something has left already: a chunked answer to the end, nothing kept
+                        self.head_parts = None
+                        self.pieces = []
                 conn.hold(data)  # joined with what else this step writes
             else:
                 conn.write(data)
