@@ -19,7 +19,7 @@ from hearth.api.openai import convert as openai_convert
 from hearth.api.openai import routes as openai_routes
 from hearth.api.routing import LeanStarlette, PathRouter, direct
 from hearth.core.engine import Engine
-from hearth.core.errors import BadRequest, HearthError, NotFound
+from hearth.core.errors import BadRequest, HearthError, NotFound, internal_error
 from hearth.core.router import AliasError, Router
 from hearth.core.types import GenerateRequest
 from hearth.settings import BUNDLED_MODEL, Settings, SettingsError
@@ -95,7 +95,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    err = HearthError(f"internal error ({type(exc).__name__}); the server log has details")
+    err = internal_error(exc)
     return error_response(request, err)
 
 

@@ -40,6 +40,7 @@ from hearth.core.errors import (
     HearthError,
     PayloadTooLarge,
     Unauthorized,
+    internal_error,
 )
 from hearth.core.record import RequestRecord, close_record, open_record
 from hearth.core.router import normalize
@@ -130,7 +131,7 @@ class Security:
         self.cloud_engines = frozenset(n for n, up in (getattr(settings, "upstreams", None) or {}).items()
                                        if getattr(up, "cloud", False))
         self._keys_on = False
-        self._labels: dict[str, tuple[str, str, bool]] = {}
+        self._path_facts: dict[str, tuple[str, str, bool]] = {}
         self._touched: dict[int, float] = {}
 
     def keys_on(self) -> bool:
@@ -164,7 +165,7 @@ class Security:
         """The route template a path matched (bounded cardinality for metrics and usage), its dialect,
         and whether it is open (no key, no record): one dict lookup per request."""
         path = scope["path"]
-        facts = self._labels.get(path)
+        facts = self._path_facts.get(path)
         if facts is None:
             label = "other"
             for route in getattr(scope.get("app"), "routes", ()):
@@ -173,8 +174,8 @@ class Security:
                     label = getattr(route, "path", "other")
                     break
             facts = (label, dialect_of(path), path in OPEN_PATHS or path.startswith(OPEN_PREFIXES))
-            if len(self._labels) < 4096:
-                self._labels[path] = facts
+            if len(self._path_facts) < 4096:
+                self._path_facts[path] = facts
         return facts
 
     async def check_model(self, scope: Scope, receive: Receive, key: Key | None) -> Receive:
@@ -460,7 +461,7 @@ class SecurityMiddleware:
             return
         except Exception as exc:  # a bug or a database error here: still an answer in the dialect's envelope
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            await exchange.send_error(HearthError(f"internal error ({type(exc).__name__}); the server log has details"))
+            await exchange.send_error(internal_error(exc))
             return
         try:
             try:

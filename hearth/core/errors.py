@@ -32,6 +32,11 @@ class HearthError(Exception):
         self.retry_after = retry_after
 
 
+
+def internal_error(exc: BaseException) -> HearthError:
+    """The 500 a client gets for an unexpected exception (its class only: details go to the log)."""
+    return HearthError(f"internal error ({type(exc).__name__}); the server log has details")
+
 class BadRequest(HearthError):
     """The request is malformed or asks for something impossible (400)."""
 

@@ -25,7 +25,7 @@ from hearth.api.ollama import convert
 from hearth.api.ollama import schemas as w
 from hearth.core import serving
 from hearth.core.engine import Engine, Generation
-from hearth.core.errors import BadRequest, HearthError
+from hearth.core.errors import BadRequest, HearthError, internal_error
 from hearth.core.structured import validate_output
 from hearth.core.types import EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, Usage
 
@@ -139,7 +139,7 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
         yield ndjson(convert.error_body(err.message))
     except Exception as exc:  # the status line is gone: the error must travel in the stream
         log.exception("unexpected error in an Ollama stream")
-        yield ndjson(convert.error_body(f"internal error ({type(exc).__name__}); the server log has details"))
+        yield ndjson(convert.error_body(internal_error(exc).message))
     finally:
         await gen.aclose()
 
