@@ -109,6 +109,15 @@ def answer(body: bytes = b"ok", headers: list[tuple[bytes, bytes]] | None = None
     return app
 
 
+def pieces(headers: list[tuple[bytes, bytes]], *bodies: bytes) -> App:
+    """An app that answers 200 with `headers` and sends `bodies` in turn (the last one ends the body)."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i, piece in enumerate(bodies):
+            await send({"type": "http.response.body", "body": piece, "more_body": i < len(bodies) - 1})
+    return app
+
+
 def test_head_and_sized_body_leave_in_one_send() -> None:
     async def body(proto: HTTPProtocol, rec: Recorder) -> None:
         proto.data_received(POST % (2, b"hi"))
@@ -149,10 +158,7 @@ def test_chunked_pieces_of_one_step_are_joined_and_the_end_flushes() -> None:
 
 
 def test_a_stream_that_ends_in_its_first_step_leaves_sized_in_one_send() -> None:
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+    app = pieces([(b"content-type", b"text/event-stream")], b"data: 1\n\n", b"data: [DONE]\n\n")
 
     async def body(proto: HTTPProtocol, rec: Recorder) -> None:
         proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -275,10 +281,7 @@ def test_the_disconnect_extension_calls_back_only_while_the_answer_is_open() -> 
 
 
 def test_http_10_without_length_ends_with_the_connection_and_head_has_no_body() -> None:
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": b"stream", "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    app = pieces([(b"content-type", b"text/plain")], b"stream", b"")
 
     async def old(proto: HTTPProtocol, rec: Recorder) -> None:
         proto.data_received(b"GET / HTTP/1.0\r\n\r\n")
