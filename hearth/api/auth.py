@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from starlette.routing import Match
 
+from hearth.api.idle import IdleSweeper
 from hearth.api.metrics import Metrics
 from hearth.api.quota import Limiter
 from hearth.core.errors import (
@@ -128,6 +129,7 @@ class Security:
         self.limiter = Limiter(settings.rate_window, settings.token_window, clock)
         self.limiter.restore(self.usage.recent(clock() - max(settings.rate_window, settings.token_window)))
         self.metrics = Metrics()
+        self.idle = IdleSweeper(settings.stream_idle_timeout) if settings.stream_idle_timeout > 0 else None
         self.cloud_engines = frozenset(n for n, up in (getattr(settings, "upstreams", None) or {}).items()
                                        if getattr(up, "cloud", False))
         self._keys_on = False
@@ -331,9 +333,8 @@ class Exchange:
         self.persisted = False
         self.streaming = False
         self.idle_fired = False
-        self.idle = security.settings.stream_idle_timeout
-        self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self.watched = False  # the idle sweeper bounds this stream
+        self.last = 0.0  # time.monotonic() of the last piece sent (for the sweeper)
         self.cancelled_task: asyncio.Task[Any] | None = None
 
     async def send(self, message: Message) -> None:
@@ -343,44 +344,43 @@ class Exchange:
             return
         if kind == "http.response.start":
             self.rec.status = message["status"]
-            self._start_idle_timer(message)
+            self._start_idle(message)
         elif kind == "http.response.body":
             if not message.get("more_body", False):
-                self.finish()  # stops the idle timer too
-            elif self._timer is not None:
-                self._last = asyncio.get_running_loop().time()
+                self.finish()  # stops the idle bound too
+            elif self.watched:
+                self.last = time.monotonic()
         await self.raw_send(message)
 
-    def _start_idle_timer(self, message: Message) -> None:
+    def _start_idle(self, message: Message) -> None:
         for name, value in message.get("headers") or ():
             if name == b"content-type":
                 self.streaming = value.startswith(STREAM_TYPES)
                 break
-        if self.streaming and self.idle > 0:
-            loop = asyncio.get_running_loop()
+        sweeper = self.security.idle
+        if self.streaming and sweeper is not None:
             self.cancelled_task = asyncio.current_task()
-            self._last = loop.time()
-            self._timer = loop.call_later(self.idle, self._check_idle)
+            self.watched = True
+            sweeper.watch(self)
 
-    def _check_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        quiet = loop.time() - self._last
-        if quiet < self.idle:
-            self._timer = loop.call_later(self.idle - quiet, self._check_idle)
-            return
-        self._timer = None
+    def idle_out(self) -> None:
+        """The sweeper's call: silent too long, the task sending the body is cancelled."""
+        self.watched = False
         self.idle_fired = True
         if self.cancelled_task is not None:
             self.cancelled_task.cancel()
 
-    def _stop_idle_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _stop_idle(self) -> None:
+        if self.watched:
+            self.watched = False
+            sweeper = self.security.idle
+            if sweeper is not None:
+                sweeper.forget(self)
 
     async def end_idle_stream(self) -> None:
         """After an idle cut: an error event in the stream's format, then the end of the body."""
-        err = HearthError(f"the response was silent for {self.idle:g} s (setting stream_idle_timeout); "
+        idle = self.security.settings.stream_idle_timeout
+        err = HearthError(f"the response was silent for {idle:g} s (setting stream_idle_timeout); "
                           "the request was stopped, retry it", code="stream_idle_timeout")
         self.rec.status = 504
         body = error_body(self.scope["path"], err)
@@ -408,7 +408,7 @@ class Exchange:
         if self.persisted:
             return
         self.persisted = True
-        self._stop_idle_timer()
+        self._stop_idle()
         self.rec.finished_ns = time.perf_counter_ns()
         if not self.rec.status:  # the app raised before answering: the error handler sends a 500
             self.rec.status = 500
