@@ -365,6 +365,27 @@ async def _param(request: object) -> PlainTextResponse:
     return PlainTextResponse("param")
 
 
+def test_forwarded_headers_go_through_uvicorns_proxy_middleware_and_others_skip_it() -> None:
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    seen: list[tuple[Any, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["client"], scope["scheme"]))
+        await answer()(scope, receive, send)
+
+    wrapped = ProxyHeadersMiddleware(app, trusted_hosts="127.0.0.1")  # type: ignore[arg-type]
+
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        proto.data_received(b"GET /b HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.7\r\n"
+                            b"X-Forwarded-Proto: https\r\n\r\n")
+        await steps()
+    run(wrapped, body)  # type: ignore[arg-type]
+    assert seen == [(("127.0.0.1", 5000), "http"), (("203.0.113.7", 0), "https")]
+
+
 def test_path_router_gives_the_same_answers_as_starlette() -> None:
     from starlette.applications import Starlette
 

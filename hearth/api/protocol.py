@@ -23,7 +23,9 @@ the `date` header) and middleware (proxy headers):
   disconnect `receive` says `http.disconnect` and `send` does nothing (ASGI
   spec 2.3, as uvicorn), so a streaming app is told and stops;
 - the scope extension `hearth.on_disconnect` takes a callback for the moment
-  the client leaves, so watching for that needs no timer or task.
+  the client leaves, so watching for that needs no timer or task;
+- uvicorn's proxy-headers middleware runs only for requests that carry an
+  `X-Forwarded-*` header (without one it changes nothing).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import httptools
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 HIGH_WATER = 65536  # request body bytes buffered before the socket is paused
 HEADER_NAME_BAD = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"]')
@@ -80,7 +83,7 @@ class Cycle:
 
     __slots__ = ("conn", "scope", "keep_alive", "body", "buffered", "body_done", "delivered", "waiter", "expect_continue",
                  "disconnected", "started", "complete", "chunked", "left", "head_only", "on_disconnect",
-                 "head", "head_parts", "te_at", "pieces")
+                 "head", "head_parts", "te_at", "pieces", "app")
 
     def __init__(self, conn: HTTPProtocol, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
         self.conn = conn
@@ -103,6 +106,7 @@ class Cycle:
         self.head_parts: list[bytes] | None = None  # a head hearth chose chunked for, as parts ...
         self.te_at = 0  # ... with its transfer-encoding line here
         self.pieces: list[bytes] = []  # the body so far while none of the response has left
+        self.app: Any = conn.app  # the ASGI app that serves it
         scope["extensions"] = {"hearth.on_disconnect": self.notify}
 
     def notify(self, callback: Callable[[], None] | None) -> None:
@@ -250,6 +254,9 @@ class HTTPProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.app = config.loaded_app
+        # uvicorn's proxy-headers middleware changes nothing without an X-Forwarded-* header: skip it then
+        inner = getattr(self.app, "app", None) if isinstance(self.app, ProxyHeadersMiddleware) else None
+        self.plain_app = inner or self.app
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.app_state = app_state
@@ -267,6 +274,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.expect_continue = False
+        self.forwarded = False  # an X-Forwarded-* header came (the proxy-headers middleware is needed)
         self.parsing: Cycle | None = None  # headers seen, body not complete yet
         self.latest: Cycle | None = None  # the last request whose headers were seen
         self.upgraded = False  # the parser stopped at an Upgrade request: no more requests on this connection
@@ -357,6 +365,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.expect_continue = False
+        self.forwarded = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -365,8 +374,11 @@ class HTTPProtocol(asyncio.Protocol):
         if self.head_size > self.max_head:  # counted per read in data_received; checked here, mid-head
             raise HeadTooLarge()
         name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_continue = True
+        if name[:2] == b"ex":
+            if name == b"expect" and value.lower() == b"100-continue":
+                self.expect_continue = True
+        elif name[:2] == b"x-" and name.startswith(b"x-forwarded-"):
+            self.forwarded = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -390,6 +402,7 @@ class HTTPProtocol(asyncio.Protocol):
             "state": self.app_state.copy(),
         }
         cycle = Cycle(self, scope, version != "1.0" and parser.should_keep_alive(), self.expect_continue)
+        cycle.app = self.app if self.forwarded else self.plain_app
         self.parsing = self.latest = cycle
         self.head_size = 0
         if self.active is None:
@@ -457,7 +470,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     async def _run(self, cycle: Cycle) -> None:
         try:
-            await self.app(cycle.scope, cycle.receive, cycle.send)
+            await cycle.app(cycle.scope, cycle.receive, cycle.send)
         except BaseException as exc:  # the app failed: answer 500 if nothing went out yet, else cut
             log.error("Exception in ASGI application", exc_info=exc)
             if not cycle.disconnected:
