@@ -410,11 +410,14 @@ class UpstreamGeneration:
             text = None if self._ended else await self._next_text()
             if text is not None:
                 self._texts.append(text)
-                parser = self.parser
-                return Chunk(text=text, logprobs=parser.take_logprobs(self.req.logprobs),
-                             thinking=parser.take_thinking())
+                # the read that carried this text also ended the stream (an instant upstream): one chunk
+                # for both, unless a strict format check could still fail (the text goes out first then)
+                if not self._ended or self.req.response_format.type != "text":
+                    parser = self.parser
+                    return Chunk(text=text, logprobs=parser.take_logprobs(self.req.logprobs),
+                                 thinking=parser.take_thinking())
             self._finished = True
-            return self._final()
+            return self._final(text or "")
         except HearthError:
             self.engine._audit(self.model, 0, self.parser.pieces, "error")
             self._finished = True
@@ -425,8 +428,9 @@ class UpstreamGeneration:
             await self.aclose()
             raise
 
-    def _final(self) -> Chunk:
-        """The last chunk: finish reason, usage, tool calls (after the format check)."""
+    def _final(self, text: str = "") -> Chunk:
+        """The last chunk: finish reason, usage, tool calls (after the format check), and `text` if the
+        last read brought some."""
         eng, parser = self.engine, self.parser
         eng.pool.succeeded(self.replica)
         calls = parser.tool_calls()
@@ -440,7 +444,7 @@ class UpstreamGeneration:
         if self.req.logprobs is not None and self._texts and not parser.logprobs_seen:
             log.warning("upstream %r sent no logprobs for %s (it may not support them)", eng.name, self.model)
         eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
-        chunk = Chunk(finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
+        chunk = Chunk(text=text, finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
                       logprobs=parser.take_logprobs(self.req.logprobs), thinking=parser.take_thinking())
         self._release()
         return chunk
