@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hearth.engines.upstream.watchdog import Watchdog
+from hearth.engines.upstream.watchdog import Deadlines, Watchdog
 
 
 def run(coro: object) -> None:
@@ -89,5 +89,30 @@ def test_the_watched_task_is_the_one_awaiting_now() -> None:
         task = asyncio.current_task()
         assert task is not None and task.cancelling() == 0
         dog.close()
+
+    run(main())
+
+
+def test_dogs_sharing_deadlines_each_time_out_at_their_own_deadline_with_one_timer() -> None:
+    async def main() -> None:
+        shared = Deadlines()
+        early, late, done = Watchdog(shared), Watchdog(shared), Watchdog(shared)
+        t0 = time.monotonic()
+        ended: dict[str, float] = {}
+
+        async def watched(name: str, dog: Watchdog, timeout: float, work: float) -> None:
+            try:
+                await dog.within(dog.now() + timeout, asyncio.sleep(work))
+                ended[name] = -(time.monotonic() - t0)  # finished: negative
+            except TimeoutError:
+                ended[name] = time.monotonic() - t0
+
+        # the late one is watched first, so the timer is armed for it and must move earlier for `early`
+        await asyncio.gather(watched("late", late, 0.4, 5), watched("early", early, 0.1, 5),
+                             watched("done", done, 0.2, 0.01))
+        assert 0.08 < ended["early"] < 0.3 and 0.38 < ended["late"] < 0.8 and ended["done"] < 0
+        assert not shared._watched and shared._handle is None  # nothing left: no timer pending
+        for dog in (early, late, done):
+            dog.close()
 
     run(main())

@@ -41,7 +41,7 @@ from hearth.engines.upstream.managed import ManagedServer
 from hearth.engines.upstream.ollama import OllamaWire
 from hearth.engines.upstream.openai import OpenAIWire
 from hearth.engines.upstream.replicas import Replica, ReplicaPool, describe
-from hearth.engines.upstream.watchdog import Watchdog
+from hearth.engines.upstream.watchdog import Deadlines, Watchdog
 from hearth.settings import UpstreamEntry, UpstreamModel
 
 log = logging.getLogger("hearth.upstream")
@@ -90,6 +90,7 @@ class UpstreamEngine:
         self._declared = [m if isinstance(m, UpstreamModel) else UpstreamModel(name=m) for m in cfg.models]
         self._refreshed = 0.0
         self._http: Pool | None = None
+        self.deadlines = Deadlines()  # one timer for the timeouts of all requests in flight
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class UpstreamEngine:
         """Send the request; returns once the upstream has started answering."""
         name = self._upstream_model(model)
         path, body = self.wire.generate_body(name, self._without_dropped(req), self._dropper(name))
-        dog = Watchdog()
+        dog = Watchdog(self.deadlines)
         try:
             replica, resp = await self._open(path, body, dog)
         except BaseException:
@@ -295,7 +296,7 @@ class UpstreamEngine:
         """Embed through the upstream; vectors are L2-normalised."""
         t0 = time.perf_counter_ns()
         path, body = self.wire.embed_body(self._upstream_model(model), req)
-        dog = Watchdog()
+        dog = Watchdog(self.deadlines)
         try:
             replica, resp = await self._open(path, body, dog)
             try:
