@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from hearth.api.openai import convert
@@ -304,3 +305,24 @@ def test_cli_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     proc.stdout.close()  # like `hearth config | head -0`: the reader is gone before the first write
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("delta", "finish", "logprobs"), [
+    ({"role": "assistant", "content": "", "refusal": None}, None, None),
+    ({"content": "héllo \"quoted\"\n"}, None, {"content": [{"token": "h", "logprob": -0.5, "bytes": [104]}]}),
+    ({}, "length", None),
+    ({}, "cancelled", None),  # mapped as the full chunk maps it
+    ({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                      "function": {"name": "f", "arguments": "{}"}}]}, None, None),
+])
+def test_chat_chunk_events_are_the_bytes_of_the_whole_chunk(delta: dict, finish: str | None,
+                                                          logprobs: dict | None) -> None:
+    events = convert.ChatChunks("chatcmpl-abc", 1764547200, "mödel:latest")
+    got = events.event(2, delta, finish, logprobs)
+    whole = {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1764547200, "model": "mödel:latest",
+             "system_fingerprint": "hearth",
+             "choices": [{"index": 2, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": convert.FINISH.get(finish, "stop") if finish else None}]}
+    assert got.startswith(b"data: ") and got.endswith(b"\n\n")
+    assert json.loads(got[6:]) == whole
+    assert got == b"data: " + orjson.dumps(whole) + b"\n\n"

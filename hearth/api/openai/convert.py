@@ -7,6 +7,8 @@ import struct
 import time
 from typing import Any
 
+import orjson
+
 from hearth.api.common import logprob_entries, logprobs_setting
 from hearth.api.openai import schemas as w
 from hearth.core import tools
@@ -283,26 +285,26 @@ def chat_response(rid: str, model: str, choices: list[dict[str, Any]], usage: Us
     }
 
 
-def chat_chunk(
-    rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish: str | None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A `chat.completion.chunk` with one choice."""
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": "hearth",
-        "choices": [
-            {
-                "index": index,
-                "delta": delta,
-                "logprobs": logprobs,
-                "finish_reason": FINISH.get(finish, "stop") if finish else None,
-            }
-        ],
-    }
+class ChatChunks:
+    """The `chat.completion.chunk` server-sent events of one stream.
+
+    What every chunk of a stream shares (id, created, model ...) is rendered
+    once; each event renders only its delta. The bytes are those of orjson
+    on the whole chunk object, for less work per event.
+    """
+
+    def __init__(self, rid: str, created: int, model: str) -> None:
+        self.rid, self.created, self.model = rid, created, model
+        shared = orjson.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "system_fingerprint": "hearth"})
+        self._head = b"data: " + shared[:-1] + b',"choices":[{"index":'
+
+    def event(self, index: int, delta: dict[str, Any], finish: str | None,
+              logprobs: dict[str, Any] | None = None) -> bytes:
+        """One event: choice `index`'s `delta`, and its finish reason on the last one."""
+        reason = orjson.dumps(FINISH.get(finish, "stop")) if finish else b"null"
+        return b'%s%d,"delta":%s,"logprobs":%s,"finish_reason":%s}]}\n\n' % (
+            self._head, index, orjson.dumps(delta), orjson.dumps(logprobs), reason)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Usage) -> dict[str, Any]:

@@ -57,7 +57,7 @@ async def chat_completions(request: Request) -> Response:
     rid = serving.new_id("chatcmpl")
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-        return _stream_response(_chat_stream(rid, name, gens, req, include_usage))
+        return _stream_response(ChatStream(rid, name, gens, req, include_usage))
     results = await until_disconnect(request, serving.collect_all(gens, req))
     lp = req.logprobs is not None
     choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls, r.logprobs if lp else None, r.thinking)
@@ -65,56 +65,90 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(convert.chat_response(rid, name, choices, serving.total_usage(results)))
 
 
-async def _chat_stream(
-    rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool
-) -> AsyncIterator[bytes]:
+ROLE_DELTA = {"role": "assistant", "content": "", "refusal": None}
+
+
+class ChatStream:
     """SSE events of the choices, then usage and [DONE]; a failure ends the stream with an error event
-    (the status line is gone by then); the generations are always released."""
-    out: list[bytes] = []
-    try:
-        created = int(time.time())
-        texts = ["" for _ in gens]
-        calls = [0 for _ in gens]  # tool calls sent so far per choice: the index of the next one
-        usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
-        single = len(gens) == 1
-        # Events of one chunk leave together (one send); the role events wait for the first chunk, and
-        # with one choice its last chunk waits for usage and [DONE], which follow at once.
-        out += [sse(convert.chat_chunk(rid, created, model, i, {"role": "assistant", "content": "", "refusal": None},
-                                       None)) for i in range(len(gens))]
-        async for i, chunk in merge([aiter(g) for g in gens]):
-            chunk: Chunk
-            logprobs = convert.chat_logprobs(chunk.logprobs) if req.logprobs is not None else None
-            if chunk.thinking:
-                out.append(sse(convert.chat_chunk(rid, created, model, i, {"reasoning_content": chunk.thinking}, None)))
-            if chunk.text:
-                texts[i] += chunk.text
-                out.append(sse(convert.chat_chunk(rid, created, model, i, {"content": chunk.text}, None, logprobs)))
-            if chunk.tool_calls:
-                deltas = [convert.tool_call_body(c, calls[i] + k) for k, c in enumerate(chunk.tool_calls)]
-                calls[i] += len(deltas)
-                out.append(sse(convert.chat_chunk(rid, created, model, i, {"tool_calls": deltas}, None,
-                                                  None if chunk.text else logprobs)))
-            if chunk.finish_reason:
-                if chunk.usage:
-                    usages[i] = chunk.usage
-                out.append(sse(convert.chat_chunk(rid, created, model, i, {}, chunk.finish_reason)))
-                if not calls[i]:
-                    validate_output(texts[i], req.response_format, chunk.finish_reason)
-                if single:
-                    continue
-            if out:
-                yield b"".join(out)
-                out.clear()
-        if include_usage:
-            results = [serving.Result(t, "stop", u) for t, u in zip(texts, usages)]
-            out.append(sse(convert.usage_chunk(rid, created, model, "chat.completion.chunk",
-                                               serving.total_usage(results))))
-        out.append(b"data: [DONE]\n\n")
-        yield LastPiece(b"".join(out))
-    except HearthError as err:  # what was held back goes first (a finish chunk before its error)
-        out.append(sse_error(err))
-        yield b"".join(out)
-    finally:
+    (the status line is gone by then). `aclose()` releases the generations (`Stream` calls it).
+
+    Events of one chunk leave together (one piece); the role events wait for the first chunk, and with
+    one choice its last chunk waits for usage and [DONE], which follow at once. An async iterator
+    class, not an async generator (asyncio registers each of those in a weak set: per request).
+    """
+
+    def __init__(self, rid: str, model: str, gens: list[Any], req: GenerateRequest, include_usage: bool) -> None:
+        self.gens = gens
+        self.req = req
+        self.include_usage = include_usage
+        self.chunks = convert.ChatChunks(rid, int(time.time()), model)
+        self.texts = ["" for _ in gens]
+        self.calls = [0 for _ in gens]  # tool calls sent so far per choice: the index of the next one
+        self.usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
+        self.single = len(gens) == 1
+        self.out = [self.chunks.event(i, ROLE_DELTA, None) for i in range(len(gens))]
+        self.merged = merge([aiter(g) for g in gens])
+        self.ended = False
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.ended:
+            raise StopAsyncIteration
+        out = self.out
+        try:
+            while True:
+                try:
+                    i, chunk = await anext(self.merged)
+                except StopAsyncIteration:
+                    break
+                self._add(i, chunk)
+                if out and not (self.single and chunk.finish_reason):
+                    piece = b"".join(out)
+                    out.clear()
+                    return piece
+            if self.include_usage:
+                c = self.chunks
+                results = [serving.Result(t, "stop", u) for t, u in zip(self.texts, self.usages)]
+                out.append(sse(convert.usage_chunk(c.rid, c.created, c.model, "chat.completion.chunk",
+                                                   serving.total_usage(results))))
+            out.append(b"data: [DONE]\n\n")
+            self.ended = True
+            return LastPiece(b"".join(out))
+        except HearthError as err:  # what was held back goes first (a finish chunk before its error)
+            out.append(sse_error(err))
+            self.ended = True
+            return b"".join(out)
+        except BaseException:
+            self.ended = True
+            await self.aclose()
+            raise
+
+    def _add(self, i: int, chunk: Chunk) -> None:
+        """The events of one chunk of choice `i`, onto `out`."""
+        req, out, chunks = self.req, self.out, self.chunks
+        logprobs = convert.chat_logprobs(chunk.logprobs) if req.logprobs is not None else None
+        if chunk.thinking:
+            out.append(chunks.event(i, {"reasoning_content": chunk.thinking}, None))
+        if chunk.text:
+            self.texts[i] += chunk.text
+            out.append(chunks.event(i, {"content": chunk.text}, None, logprobs))
+        if chunk.tool_calls:
+            deltas = [convert.tool_call_body(c, self.calls[i] + k) for k, c in enumerate(chunk.tool_calls)]
+            self.calls[i] += len(deltas)
+            out.append(chunks.event(i, {"tool_calls": deltas}, None, None if chunk.text else logprobs))
+        if chunk.finish_reason:
+            if chunk.usage:
+                self.usages[i] = chunk.usage
+            out.append(chunks.event(i, {}, chunk.finish_reason))
+            if not self.calls[i]:
+                validate_output(self.texts[i], req.response_format, chunk.finish_reason)
+
+    async def aclose(self) -> None:
+        """Release the generations (once)."""
+        self.ended = True
+        gens, self.gens = self.gens, []
         for g in gens:
             await g.aclose()
 
