@@ -116,7 +116,7 @@ async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 
     # each check only when the request asks for what it guards (most ask for none of it)
     if req.response_format.type == "json_schema":
         check_request(req, grammar=not getattr(engine, "passes_format_through", False))
-    if req.tools or req.messages:
+    if (req.tools or req.messages) and not getattr(engine, "supports_tools", False):
         check_tool_support(engine, info, req)
     if req.logprobs is not None:
         check_logprob_support(engine, info, req)

@@ -14,7 +14,8 @@ class Wire(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         """Names of fields the client sent that hearth does not know."""
-        return sorted((self.model_extra or {}).keys())
+        extra = self.__pydantic_extra__
+        return sorted(extra) if extra else []
 
 
 class ImageURL(Wire):

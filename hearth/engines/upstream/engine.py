@@ -219,7 +219,7 @@ class UpstreamEngine:
             tried.add(replica)
             self.pool.acquire(replica)
             try:
-                base = await self._base_url(replica)
+                base = replica.url if self.managed is None else await self._base_url(replica)
                 resp = await dog.within(dog.now() + self.cfg.timeouts.first_token,
                                         self.http.request("POST", base + path, body, self._headers))
             except RETRYABLE as exc:

@@ -39,9 +39,11 @@ class Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()  # once per connection, not per wait
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -70,7 +72,7 @@ class Connection(asyncio.Protocol):
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = (self._loop or asyncio.get_running_loop()).create_future()
         await self._waiter
 
     def usable(self) -> bool:

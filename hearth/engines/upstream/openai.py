@@ -24,6 +24,7 @@ FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "
 STANDARD = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias"}
 EXTRAS = {"top_k", "min_p", "repeat_penalty"}
 UNSUPPORTED = {"repeat_last_n", "num_ctx", "keep_alive"}
+PLAIN_DELTA = frozenset({"role", "content", "refusal"})  # delta keys that carry nothing but text
 
 
 def _content(msg: Message) -> Any:
@@ -201,12 +202,12 @@ class SSEParser(StreamParser):
 
     def event(self, event: dict[str, Any]) -> str:
         """One chunk of the stream; returns its text."""
-        if "error" in event and not event.get("choices"):
+        choices = event.get("choices")
+        if not choices and "error" in event:
             err = event["error"]
             raise UpstreamError(f"reported an error mid-stream: {err.get('message', err) if isinstance(err, dict) else err}")
         if event.get("usage"):
             self.usage = usage_of(event["usage"])
-        choices = event.get("choices")
         if not choices:
             return ""
         choice = choices[0]
@@ -217,6 +218,8 @@ class SSEParser(StreamParser):
         if not self.chat:
             return choice.get("text") or ""
         delta = choice.get("delta") or {}
+        if delta.keys() <= PLAIN_DELTA:  # the usual chunk: no reasoning, no tool calls to look for
+            return delta.get("content") or ""
         thinking = delta.get("reasoning_content") or delta.get("reasoning")  # vLLM/llama-server/DeepSeek; newer vLLM
         if thinking:
             self.thinking.append(thinking)
