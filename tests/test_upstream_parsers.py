@@ -13,6 +13,17 @@ def sse(*events: str) -> list[bytes]:
     return [line.encode() for e in events for line in (f"data: {e}", "")]
 
 
+def test_sse_data_lines_in_their_spellings() -> None:
+    """`data:` with or without a space, trailing blanks and CR, empty data lines, comments and other fields."""
+    p = SSEParser(chat=True)
+    lines = [b'data:{"choices":[{"delta":{"content":"a"}}]}', b"", b': data: {"not": "an event"}',
+             b'data:   {"choices":[{"delta":{"content":"b"}}]}  \r', b"\r", b"data:", b"data:  \r",
+             b'id: 7', b'event: data', b'retry: 10', b'  data: {"indented": "not a field"}',
+             b'data: {"choices":[{"delta":{"content":"c"}}]}\r', b"data:[DONE]\r", b'data: {"choices":[]}']
+    assert p.feed(lines) == "abc"
+    assert p.done and p.pieces == 3
+
+
 def test_sse_read_with_text_finish_usage_and_done() -> None:
     p = SSEParser(chat=True)
     lines = [b": keep-alive comment", b"event: message"] + sse(

@@ -13,8 +13,9 @@ from hearth.core.types import TokenLogprob, ToolCall, Usage
 class StreamParser:
     """Text, finish reason and usage of one upstream stream.
 
-    Subclasses say which part of a line is a JSON event (`payload`) and what an
-    event means (`event`); `feed` parses all lines of one read in one go.
+    Subclasses say which part of a line is a JSON event (`payload`, or
+    `payloads` for all lines of a read at once) and what an event means
+    (`event`); `feed` parses all lines of one read in one go.
     """
 
     def __init__(self, chat: bool) -> None:
