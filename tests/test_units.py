@@ -14,7 +14,11 @@ import pytest
 from hearth.api.openai import convert
 from hearth.api.openai import schemas as w
 from hearth.core.errors import BadRequest
-from hearth.core.structured import StructuredOutputError, check_enforceable, validate_output
+from hearth.core.structured import (
+    StructuredOutputError,
+    check_enforceable,
+    validate_output,
+)
 from hearth.core.types import EmbedResult, Message, ResponseFormat, Usage
 from hearth.engines.llamacpp.chat_format import ChatFormatter, fallback_for
 from hearth.engines.llamacpp.native_spec import sampler_spec
@@ -326,3 +330,37 @@ def test_chat_chunk_events_are_the_bytes_of_the_whole_chunk(delta: dict, finish:
     assert got.startswith(b"data: ") and got.endswith(b"\n\n")
     assert json.loads(got[6:]) == whole
     assert got == b"data: " + orjson.dumps(whole) + b"\n\n"
+
+
+def _scan_reference(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
+    """The rule, spelled out: total size; the first header (in order) that carries a key."""
+    secret = None
+    for name, value in headers:
+        if secret is None and name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                secret = token.strip()
+        elif secret is None and name == b"x-api-key" and value.strip():
+            secret = value.decode("latin-1").strip()
+    return sum(len(n) + len(v) for n, v in headers), secret
+
+
+@pytest.mark.parametrize("keys", [
+    [],
+    [(b"authorization", b"Bearer hk-abc")],
+    [(b"authorization", b"bearer   hk-abc  ")],
+    [(b"authorization", b"Basic dXNlcg==")],
+    [(b"authorization", b"Bearer ")],
+    [(b"x-api-key", b" hk-xyz ")],
+    [(b"x-api-key", b"  ")],
+    [(b"x-api-key", b"hk-first"), (b"authorization", b"Bearer hk-second")],
+    [(b"authorization", b"Basic x"), (b"authorization", b"Bearer hk-later")],
+    [(b"authorization", b"Bearer hk-one"), (b"authorization", b"Bearer hk-two")],
+    [(b"authorization", b"Basic x"), (b"x-api-key", b"hk-key")],
+])
+def test_scan_headers_finds_the_first_key_and_the_size(keys: list[tuple[bytes, bytes]]) -> None:
+    from hearth.api.auth import scan_headers
+
+    headers = [(b"host", b"127.0.0.1:8000"), *keys, (b"content-type", b"application/json"),
+               (b"content-length", b"42")]
+    assert scan_headers(headers) == _scan_reference(headers)

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +74,29 @@ INVALID_KEY = ("the API key is not valid (unknown, revoked or expired); check it
 
 
 def scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
-    """The headers' total size (names and values) and the key they present, in one pass."""
-    size = 0
-    secret: str | None = None
-    for name, value in headers:
-        size += len(name) + len(value)
-        if secret is not None:
-            continue
+    """The headers' total size (names and values) and the key they present (the first that carries
+    one). Built-ins do the work for the usual request: no Python loop over the headers."""
+    size = len(b"".join(chain.from_iterable(headers)))
+    first = dict(reversed(headers))  # each name's first value
+    auth, api_key = first.get(b"authorization"), first.get(b"x-api-key")
+    if auth is None and api_key is None:
+        return size, None
+    if api_key is None and len(first) == len(headers):  # no name twice: one Authorization header
+        return size, _bearer(auth)  # type: ignore[arg-type]
+    for name, value in headers:  # several candidates: the first that carries a key, as sent
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                secret = token.strip()
+            secret = _bearer(value)
+            if secret is not None:
+                return size, secret
         elif name == b"x-api-key" and value.strip():
-            secret = value.decode("latin-1").strip()
-    return size, secret
+            return size, value.decode("latin-1").strip()
+    return size, None
+
+
+def _bearer(value: bytes) -> str | None:
+    """The token of `Authorization: Bearer <token>` (None for other schemes or none)."""
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def dialect_of(path: str) -> str:
