@@ -382,8 +382,10 @@ def test_forwarded_headers_go_through_uvicorns_proxy_middleware_and_others_skip_
         proto.data_received(b"GET /b HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.7\r\n"
                             b"X-Forwarded-Proto: https\r\n\r\n")
         await steps()
+        proto.data_received(b"GET /c HTTP/1.1\r\nHost: h\r\nx-forwarded-proto: https\r\n\r\n")
+        await steps()
     run(wrapped, body)  # type: ignore[arg-type]
-    assert seen == [(("127.0.0.1", 5000), "http"), (("203.0.113.7", 0), "https")]
+    assert seen == [(("127.0.0.1", 5000), "http"), (("203.0.113.7", 0), "https"), (("127.0.0.1", 5000), "https")]
 
 
 def test_path_router_gives_the_same_answers_as_starlette() -> None:

@@ -24,8 +24,8 @@ the `date` header) and middleware (proxy headers):
   spec 2.3, as uvicorn), so a streaming app is told and stops;
 - the scope extension `hearth.on_disconnect` takes a callback for the moment
   the client leaves, so watching for that needs no timer or task;
-- uvicorn's proxy-headers middleware runs only for requests that carry an
-  `X-Forwarded-*` header (without one it changes nothing).
+- uvicorn's proxy-headers middleware runs only for requests that carry
+  `X-Forwarded-For` or `X-Forwarded-Proto` (without them it changes nothing).
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ class HTTPProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.app = config.loaded_app
-        # uvicorn's proxy-headers middleware changes nothing without an X-Forwarded-* header: skip it then
+        # uvicorn's proxy-headers middleware changes nothing without X-Forwarded-For/-Proto: skip it then
         inner = getattr(self.app, "app", None) if isinstance(self.app, ProxyHeadersMiddleware) else None
         self.plain_app = inner or self.app
         self.loop = _loop or asyncio.get_event_loop()
@@ -274,7 +274,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.expect_continue = False
-        self.forwarded = False  # an X-Forwarded-* header came (the proxy-headers middleware is needed)
+        self.forwarded = False  # X-Forwarded-For/-Proto came (the proxy-headers middleware is needed)
         self.parsing: Cycle | None = None  # headers seen, body not complete yet
         self.latest: Cycle | None = None  # the last request whose headers were seen
         self.upgraded = False  # the parser stopped at an Upgrade request: no more requests on this connection
@@ -364,8 +364,6 @@ class HTTPProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
-        self.expect_continue = False
-        self.forwarded = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -373,16 +371,15 @@ class HTTPProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_size > self.max_head:  # counted per read in data_received; checked here, mid-head
             raise HeadTooLarge()
-        name = name.lower()
-        if name[:2] == b"ex":
-            if name == b"expect" and value.lower() == b"100-continue":
-                self.expect_continue = True
-        elif name[:2] == b"x-" and name.startswith(b"x-forwarded-"):
-            self.forwarded = True
-        self.headers.append((name, value))
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        names = dict(self.headers)  # one lookup per header of interest, not a test per header
+        self.expect_continue = b"expect" in names and any(
+            v.lower() == b"100-continue" for n, v in self.headers if n == b"expect")
+        # uvicorn's proxy-headers middleware reads these two; without them it changes nothing
+        self.forwarded = b"x-forwarded-for" in names or b"x-forwarded-proto" in names
         version = parser.get_http_version()
         raw_method = parser.get_method()
         method = METHODS.get(raw_method) or raw_method.decode("ascii")
