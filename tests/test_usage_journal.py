@@ -90,7 +90,42 @@ def test_half_a_line_from_a_crash_is_skipped_not_fatal(tmp_path: Path) -> None:
     assert owner is not None
     owner.append(row(1))
     owner.append(row(2))
-    with journal_path(db_path).open("ab") as f:
+    with journal_path(db_path).open("r+b") as f:  # a copy cut off by a kill: a line's start, then zeros
+        f.seek(owner._size)
         f.write(b'[1.0, null, "cut')
     owner.close()
     assert count(db_path) == [1, 2]
+
+
+def test_a_full_journal_is_sealed_at_once_and_nothing_is_lost(tmp_path: Path) -> None:
+    db_path = tmp_path / "hearth.db"
+    open_database(db_path).close()
+    owner = UsageJournal(db_path, _lock(db_path), interval=3600, capacity=400)  # 4-5 rows of ~80 bytes per file
+    for i in range(40):
+        owner.append(row(i))
+    assert len(list(tmp_path.glob("hearth.db-usage.journal.[0-9]*"))) >= 7  # sealed as they filled
+    owner.close()
+    assert count(db_path) == list(range(40))
+    assert not journal_path(db_path).exists()  # folded to the end: no empty file left
+
+
+def test_an_empty_mapped_journal_is_not_waited_for(tmp_path: Path) -> None:
+    db_path = tmp_path / "hearth.db"
+    open_database(db_path).close()
+    owner = UsageJournal.claim(db_path, interval=3600)  # it never folds on its own here
+    assert owner is not None
+    try:
+        assert journal_path(db_path).stat().st_size == owner.capacity  # mapped at full size, no rows
+        t0 = time.monotonic()
+        assert count(db_path) == []
+        assert time.monotonic() - t0 < 1  # nothing pending: no wait for a fold
+    finally:
+        owner.close()
+
+
+def _lock(db_path: Path) -> int:
+    from hearth.store.usage_journal import _try_lock
+
+    fd = _try_lock(journal_path(db_path))
+    assert fd is not None
+    return fd
