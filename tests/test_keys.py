@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,19 @@ def test_checks_come_from_memory_until_the_keys_change(tmp_path: Path, clock: Cl
     cli.create("radio")
     assert server.verify(secret).name == "tv"
     assert db.queries == before + 2  # the stamp changed: asked again
+
+
+def test_changes_count_when_the_stamp_is_linked_elsewhere_too(tmp_path: Path, clock: Clock) -> None:
+    """A backup tool's hard link keeps a replaced stamp alive: the server must still see the new one."""
+    server = KeyStore(open_database(tmp_path / "hearth.db"), clock)
+    cli = KeyStore(open_database(tmp_path / "hearth.db"), clock)
+    key, secret = cli.create("phone")
+    assert server.verify(secret).name == "phone"  # the server now holds the stamp file open
+    assert server.stamp is not None
+    os.link(server.stamp, tmp_path / "backup-of-stamp")
+    cli.revoke("phone")  # replaces the stamp; the old file lives on under the backup's name
+    assert server.verify(secret) is None
+    _, again = cli.create("tablet")
+    assert server.verify(again).name == "tablet"
+    server.close()
+    cli.close()

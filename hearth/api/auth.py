@@ -274,6 +274,7 @@ class Security:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        self.keys.close()
         self.db.close()
 
 

@@ -110,6 +110,7 @@ class KeyStore:
         path = getattr(db, "path", None)
         self.stamp = Path(f"{path}{STAMP_SUFFIX}") if path is not None and str(path) != ":memory:" else None
         self._stamp_str = str(self.stamp)
+        self._stamp_fd = -1  # the stamp file, open: fstat per request instead of a path lookup
         self._seen: object = None  # stamp version the caches below belong to
         self._any: bool | None = None
         self._verified: dict[str, tuple[Key, float | None]] = {}  # secret hash -> key, secret expiry
@@ -124,11 +125,30 @@ class KeyStore:
         """Differs after every change to the keys by any process; None when there is no stamp to go by."""
         if self.stamp is None:
             return None
+        if self._stamp_fd >= 0:
+            st = os.fstat(self._stamp_fd)
+            # every change replaces the stamp, which leaves this file without a link: one link means it
+            # is still the stamp (a file linked elsewhere too goes the path's way, every time)
+            if st.st_nlink == 1:
+                return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            os.close(self._stamp_fd)
+            self._stamp_fd = -1
         try:
             st = os.stat(self._stamp_str)  # a str: no Path conversion per request
         except FileNotFoundError:
             return (0, 0, 0)
+        if st.st_nlink == 1:
+            try:  # replaced in between: the next look sees the newer file and a new version (safe)
+                self._stamp_fd = os.open(self._stamp_str, os.O_RDONLY)
+            except OSError:
+                self._stamp_fd = -1
         return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    def close(self) -> None:
+        """Let go of the stamp file."""
+        if self._stamp_fd >= 0:
+            os.close(self._stamp_fd)
+            self._stamp_fd = -1
 
     def _changed(self) -> None:
         """Replace the stamp (a new file each time, so its inode and times change)."""
