@@ -190,7 +190,7 @@ def test_changes_count_when_the_stamp_is_linked_elsewhere_too(tmp_path: Path, cl
     """A backup tool's hard link keeps a replaced stamp alive: the server must still see the new one."""
     server = KeyStore(open_database(tmp_path / "hearth.db"), clock)
     cli = KeyStore(open_database(tmp_path / "hearth.db"), clock)
-    key, secret = cli.create("phone")
+    _, secret = cli.create("phone")
     assert server.verify(secret).name == "phone"  # the server now holds the stamp file open
     assert server.stamp is not None
     os.link(server.stamp, tmp_path / "backup-of-stamp")
