@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from hearth.store.db import open_database
 from hearth.store.usage import UsageRow
@@ -129,3 +131,19 @@ def _lock(db_path: Path) -> int:
     fd = _try_lock(journal_path(db_path))
     assert fd is not None
     return fd
+
+
+def test_a_file_system_that_cannot_map_the_journal_falls_back_to_commits(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from hearth.store import usage_journal
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(19, "No such device")  # what a mount without shared writable maps says
+
+    monkeypatch.setattr(usage_journal.mmap, "mmap", refuse)
+    db_path = tmp_path / "hearth.db"
+    open_database(db_path).close()
+    assert UsageJournal.claim(db_path) is None
+    fd = usage_journal._try_lock(journal_path(db_path))
+    assert fd is not None  # the lock was let go
+    os.close(fd)

@@ -172,9 +172,18 @@ class UsageJournal:
 
     @classmethod
     def claim(cls, db_path: Path, interval: float = 0.25) -> UsageJournal | None:
-        """Own the journal of `db_path`; None if another live process owns it."""
+        """Own the journal of `db_path`; None if another live process owns it, or if its file system
+        cannot map it (then every row is committed on its own: slower, as safe)."""
         fd = _try_lock(journal_path(db_path))
-        return cls(db_path, fd, interval) if fd is not None else None
+        if fd is None:
+            return None
+        try:
+            return cls(db_path, fd, interval)
+        except (OSError, ValueError) as exc:  # e.g. a FUSE mount without shared writable maps
+            os.close(fd)
+            log.warning("usage journal %s cannot be mapped (%s); recording each request in the database instead",
+                        journal_path(db_path), exc)
+            return None
 
     def _fresh(self) -> tuple[int, mmap.mmap]:
         """A new active file, `CAPACITY` bytes of zeros (sparse), mapped for writing."""
