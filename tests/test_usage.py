@@ -56,6 +56,22 @@ def test_sigkill_right_after_responses_loses_nothing(tmp_path: Path) -> None:
     assert SECRET_PROMPT.encode() not in raw  # counts, never content
 
 
+def test_sigterm_shuts_down_in_full_then_ends_the_process_by_the_signal(tmp_path: Path) -> None:
+    """uvicorn raises a caught SIGTERM as soon as its server stops; hearth's own shutdown (engines,
+    the usage journal) must run first."""
+    srv = start_server(tmp_path / "home", "--fake", timeout=30)
+    r = httpx.post(srv.v1 + "/chat/completions", timeout=30,
+                   json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200
+    journal = srv.home / "hearth.db-usage.journal"
+    assert journal.exists()  # the server owns it while it runs
+    os.kill(srv.proc.pid, signal.SIGTERM)
+    assert srv.proc.wait(20) == -signal.SIGTERM  # what a supervisor expects of a stopped server
+    assert not journal.exists()  # folded and removed by the shutdown, not left for the next opener
+    rows = open_database(srv.home / "hearth.db").query("SELECT route, completion_tokens FROM usage")
+    assert rows == [("/v1/chat/completions", 3)]
+
+
 def test_usage_cli_groups_and_since(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import logging
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
 
 from hearth.api.protocol import HTTPProtocol
 from hearth.app import create_app
 from hearth.settings import Settings
 
 log = logging.getLogger("hearth.serve")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, except that a SIGTERM or SIGINT it caught is raised again only once hearth's
+    own shutdown (engines, managed upstreams, the usage journal) has run. uvicorn raises it when
+    `serve` returns, which for SIGTERM ended the process before that shutdown could run."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.caught: list[int] = []
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.caught.append(sig)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def is_loopback(host: str) -> bool:
@@ -55,7 +87,8 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _run(settings: Settings, sock: socket.socket) -> int:
+async def _run(settings: Settings, sock: socket.socket) -> tuple[int, list[int]]:
+    """Serve until told to stop; the exit code and the signals that stopped it."""
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -71,7 +104,7 @@ async def _run(settings: Settings, sock: socket.socket) -> int:
         timeout_graceful_shutdown=5,
         lifespan="off",  # run below, so that a startup SettingsError is one readable line
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
 
     async def announce() -> None:
         while not server.started:
@@ -93,7 +126,7 @@ async def _run(settings: Settings, sock: socket.socket) -> int:
             await server.serve(sockets=[sock])
         finally:
             watcher.cancel()
-    return 0 if server.started else 1
+    return (0 if server.started else 1), server.caught
 
 
 def serve(settings: Settings, create_admin_key: bool = False) -> int:
@@ -117,5 +150,9 @@ def serve(settings: Settings, create_admin_key: bool = False) -> int:
         try:
             import uvloop
         except ImportError:
-            return asyncio.run(_run(settings, sock))
-        return uvloop.run(_run(settings, sock))
+            code, caught = asyncio.run(_run(settings, sock))
+        else:
+            code, caught = uvloop.run(_run(settings, sock))
+    for sig in reversed(caught):  # shut down in full: now the signal ends the process as it would have
+        signal.raise_signal(sig)
+    return code
