@@ -96,7 +96,7 @@ def scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
 def _bearer(value: bytes) -> str | None:
     """The token of `Authorization: Bearer <token>` (None for other schemes or none)."""
     scheme, _, token = value.decode("latin-1").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def dialect_of(path: str) -> str:
