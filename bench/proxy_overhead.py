@@ -11,8 +11,8 @@ call; the targets take turns in ten slices so drift hits them alike) and the req
 LiteLLM belongs in its own venv (`pip install 'litellm[proxy]'`); without it
 that column is skipped with a message. `floor` is a bare Starlette + aiohttp
 pass-through proxy: what any Python proxy pays on this machine right now (it
-reads an upstream stream whole before answering, so its stream rows are not
-streaming; hearth's are).
+streams an upstream stream on with Starlette's StreamingResponse, as hearth
+streams it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def serve_floor(port: int, upstream: str) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
 
     state: dict[str, aiohttp.ClientSession] = {}
@@ -113,9 +114,18 @@ def serve_floor(port: int, upstream: str) -> None:
     async def chat(request: Request) -> Response:
         if "s" not in state:
             state["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        async with state["s"].post(upstream + "/v1/chat/completions", data=await request.body(),
-                                   headers={"Content-Type": "application/json"}) as r:
-            return Response(await r.read(), status_code=r.status, media_type=r.headers.get("Content-Type"))
+        r = await state["s"].post(upstream + "/v1/chat/completions", data=await request.body(),
+                                  headers={"Content-Type": "application/json"})
+        ctype = r.headers.get("Content-Type", "")
+        if not ctype.startswith("text/event-stream"):
+            async with r:
+                return Response(await r.read(), status_code=r.status, media_type=ctype)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async with r:
+                async for piece in r.content.iter_any():
+                    yield piece
+        return StreamingResponse(pieces(), status_code=r.status, media_type=ctype)
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools",
