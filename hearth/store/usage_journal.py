@@ -57,12 +57,18 @@ def _sealed(journal: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _has_rows(journal: Path) -> bool:
+    """True if the active journal holds a row (it is mapped at full size: look at its first byte)."""
+    try:
+        with journal.open("rb") as f:
+            return f.read(1) not in (b"", b"\0")
+    except FileNotFoundError:
+        return False
+
+
 def _seal(journal: Path) -> Path | None:
     """Rename the active journal to a sealed file (None if there is nothing in it)."""
-    try:
-        if journal.stat().st_size == 0:
-            return None
-    except FileNotFoundError:
+    if not _has_rows(journal):
         return None
     sealed = journal.with_name(f"{journal.name}.{time.time_ns()}")
     os.rename(journal, sealed)
@@ -116,13 +122,7 @@ def _try_lock(journal: Path) -> int | None:
 
 def _pending(journal: Path) -> bool:
     """True while rows wait in the journal (active or sealed files)."""
-    try:
-        with journal.open("rb") as f:
-            if f.read(1) not in (b"", b"\0"):  # the active file is mapped at full size: look at its first row
-                return True
-    except FileNotFoundError:
-        pass
-    return bool(_sealed(journal))
+    return _has_rows(journal) or bool(_sealed(journal))
 
 
 def settle(conn: sqlite3.Connection, db_path: Path, timeout: float = SETTLE_TIMEOUT) -> None:
