@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from hearth.core.errors import UpstreamError
 from hearth.engines.upstream.ollama import NDJSONParser
-from hearth.engines.upstream.openai import SSEParser
+from hearth.engines.upstream.openai import DATA_LINE, SSEParser
 
 
 def sse(*events: str) -> list[bytes]:
@@ -22,6 +24,18 @@ def test_sse_data_lines_in_their_spellings() -> None:
              b'data: {"choices":[{"delta":{"content":"c"}}]}\r', b"data:[DONE]\r", b'data: {"choices":[]}']
     assert p.feed(lines) == "abc"
     assert p.done and p.pieces == 3
+
+
+def test_sse_data_line_values_match_the_rule_spelled_out() -> None:
+    """The one-regex scan finds what a line-by-line reading of the rule finds: each line that starts
+    with `data:`, its value stripped of blanks (not newlines) on both sides."""
+    pieces = [b"data:", b"data: ", b" ", b"\t", b"\r", b"\n", b"\x0b", b"\x0c", b"x", b"{}", b"[DONE]", b":", b"a b",
+              b"\xc3\xa9"]
+    rng = random.Random(5)
+    for _ in range(20000):
+        text = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        rule = [line[5:].strip(b" \t\r\x0b\x0c") for line in text.split(b"\n") if line.startswith(b"data:")]
+        assert DATA_LINE.findall(text) == rule, text
 
 
 def test_sse_read_with_text_finish_usage_and_done() -> None:
