@@ -189,6 +189,14 @@ def start_hearth(tmp: Path, upstream: str) -> tuple[str, subprocess.Popen[bytes]
     return url, proc
 
 
+def hearth_source() -> str:
+    """Where the measured `python -m hearth` comes from (a stale installed copy shadows a checkout
+    unless the bench runs from the checkout's root)."""
+    out = subprocess.run([sys.executable, "-c", "import hearth; print(hearth.__file__)"], capture_output=True,
+                         text=True, check=False)
+    return str(Path(out.stdout.strip()).parent.parent) if out.returncode == 0 else f"unknown ({out.stderr.strip()[-200:]})"
+
+
 def start_litellm(tmp: Path, binary: str, upstream: str) -> tuple[str, subprocess.Popen[bytes]]:
     cfg = tmp / "litellm.yaml"
     cfg.write_text(
@@ -353,6 +361,7 @@ def main() -> int:
             for p in reversed(procs):
                 stop(p)
     print_table(rows)
+    print(f"hearth measured: {hearth_source()}")
     return 0
 
 
