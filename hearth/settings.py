@@ -105,6 +105,11 @@ class AliasEntry(BaseModel):
     dimension: int | None = Field(None, ge=1, description="Required embedding dimension.")
 
 
+def _role_aliases() -> dict[str, str | AliasEntry]:
+    """The roles clients are written against, all on the bundled model until configured otherwise."""
+    return {"main": BUNDLED_MODEL, "fast": BUNDLED_MODEL, "embed": BUNDLED_MODEL}
+
+
 class Settings(BaseSettings):
     """Every setting hearth has. Field descriptions are the documentation."""
 
@@ -118,7 +123,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="Extra GGUF files to serve, as name = {path = ...}."
     )
     aliases: dict[str, str | AliasEntry] = Field(
-        default_factory=lambda: {"main": BUNDLED_MODEL, "fast": BUNDLED_MODEL, "embed": BUNDLED_MODEL},
+        default_factory=_role_aliases,
         description="Public model names mapped to served models (`name`, `name@upstream`, or a table "
                     "with target and dimension).",
     )
@@ -306,12 +311,12 @@ def check_upstreams(settings: Settings) -> None:
         model, _, upstream = target.rpartition("@")
         if not model:
             continue
-        up = settings.upstreams.get(upstream)
-        if up is None:
+        named = settings.upstreams.get(upstream)
+        if named is None:
             known = ", ".join(sorted(settings.upstreams)) or "none declared"
             raise SettingsError(f"alias {alias!r} points to {target!r}, but there is no upstream {upstream!r} "
                                 f"(upstreams: {known}); fix the alias or add [upstreams.{upstream}]")
-        names = [m if isinstance(m, str) else m.name for m in up.models]
+        names = [m if isinstance(m, str) else m.name for m in named.models]
         if names and model.removesuffix(":latest") not in {n.removesuffix(":latest") for n in names}:
             raise SettingsError(f"alias {alias!r} points to {target!r}, but upstream {upstream!r} lists only "
                                 f"{', '.join(names)}; fix the alias or add the model to its models")

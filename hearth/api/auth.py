@@ -155,7 +155,7 @@ class Security:
     def authorize(self, scope: Scope, secret: str | None) -> Key | None:
         """The calling key (None = keyless owner), or raise 401/403/429; `secret` as `scan_headers` found it."""
         client = scope.get("client")
-        local = bool(client) and client[0] in LOOPBACK_CLIENTS
+        local = client is not None and client[0] in LOOPBACK_CLIENTS
         if secret is None and local and not self.settings.loopback_needs_key:
             return None  # the owner on this machine, whether keys exist or not
         if not self.keys_on():

@@ -91,8 +91,8 @@ class RequestCollector(Collector):
         for labels, n in self.requests.items():
             requests.add_metric(list(labels), float(n))
         tokens = CounterMetricFamily("hearth_tokens", "Tokens processed", labels=["model", "direction"])
-        for labels, n in self.tokens.items():
-            tokens.add_metric(list(labels), float(n))
+        for pair, n in self.tokens.items():
+            tokens.add_metric(list(pair), float(n))
         ttft = HistogramMetricFamily("hearth_time_to_first_token_seconds", "Time to first token", labels=["model"])
         for model, h in self.ttft.items():
             ttft.add_metric([model], h.buckets(), h.total)

@@ -18,13 +18,16 @@ fifth of what hearth spent on a request.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route, Router
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
+
+HTTPHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 class DirectRoute(Route):
@@ -92,7 +95,8 @@ class ErrorBoundary:
 
     def __init__(self, app: ASGIApp, handlers: dict[Any, ExceptionHandler]) -> None:
         self.app = app
-        self.handlers = {k: v for k, v in handlers.items() if isinstance(k, type)}
+        # hearth registers async HTTP handlers only (starlette's type also allows sync and websocket ones)
+        self.handlers = {k: cast(HTTPHandler, v) for k, v in handlers.items() if isinstance(k, type)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -101,9 +105,9 @@ class ErrorBoundary:
             handler = next((self.handlers[c] for c in type(exc).__mro__ if c in self.handlers), None)
             if handler is None or scope["type"] != "http":
                 raise
-            response = await handler(Request(scope, receive, send), exc)  # type: ignore[misc]
+            response = await handler(Request(scope, receive, send), exc)
             exc.__traceback__ = None  # a reused exception instance must not collect tracebacks
-            await response(scope, receive, send)  # type: ignore[misc]
+            await response(scope, receive, send)
 
 
 class LeanStarlette(Starlette):

@@ -43,7 +43,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     loaded = settings_from(args)
     from hearth.settings import Settings
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, field in Settings.model_fields.items():
         value = getattr(loaded.settings, name)
         shown = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in value.items()} \

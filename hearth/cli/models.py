@@ -54,7 +54,7 @@ def _loaded_names(settings: Settings) -> dict[str, str]:
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = [m for m in _store(settings).list()]
-    aliases = settings.alias_targets if hasattr(settings, "alias_targets") else dict(settings.aliases)
+    aliases = settings.alias_targets
     if _out(args, [{**{k: getattr(m, k) for k in m.__dataclass_fields__}} for m in rows]):
         return 0
     loaded = _loaded_names(settings)
@@ -80,7 +80,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
-    aliases = settings.alias_targets if hasattr(settings, "alias_targets") else dict(settings.aliases)
+    aliases = settings.alias_targets
     m = _store(settings).remove(args.name, aliases=aliases, force=args.force)
     print(f"deleted {m.name}")
     return 0
@@ -101,7 +101,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_catalog(args: argparse.Namespace, settings: Settings) -> int:
     hw = detect()
     store = _store(settings)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in catalog.load():
         v = e.fit(hw, args.ctx, args.parallel)
         rows.append({"name": e.name, "roles": e.roles, "tier": e.tier, "size": e.size, "source": e.source,
@@ -192,7 +192,7 @@ def cmd_pick(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_ensure(args: argparse.Namespace, settings: Settings) -> int:
     """Make sure the role aliases' models are here (pulling with consent); --auto picks from the catalog."""
     store, hw = _store(settings), detect()
-    aliases = settings.alias_targets if hasattr(settings, "alias_targets") else dict(settings.aliases)
+    aliases = settings.alias_targets
     wanted: dict[str, str] = {}
     for role in catalog.ROLES:
         alias = {"chat": "main"}.get(role, role)

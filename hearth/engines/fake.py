@@ -19,6 +19,7 @@ from hearth.core.types import (
     Chunk,
     EmbedRequest,
     EmbedResult,
+    FinishReason,
     GenerateRequest,
     LoadedModel,
     ModelInfo,
@@ -59,7 +60,7 @@ class FakeGeneration:
         limit = self.req.max_tokens or (self.ctx - self.prompt_tokens)
         out = ""
         count = 0
-        finish = "length"
+        finish: FinishReason = "length"
         for word in self._words():
             if count >= limit:
                 break

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ class Manifest:
 
     @classmethod
     def from_gguf(cls, name: str, info: GGUFInfo, sha256: str, size: int, source: str,
-                  roles: list[str] | None = None) -> Manifest:
+                  roles: Iterable[str] | None = None) -> Manifest:
         """Build a manifest from a GGUF's header (never its weights)."""
         return cls(
             name=full_name(name), sha256=sha256, size=size, source=source,

@@ -107,7 +107,7 @@ class ModelStore:
             os.replace(tmp, target)
         return target
 
-    def register(self, name: str, sha256: str, source: str, roles: list[str] | None = None) -> Manifest:
+    def register(self, name: str, sha256: str, source: str, roles: Iterable[str] | None = None) -> Manifest:
         """Write a manifest for a blob already in the store, from its GGUF header."""
         blob = self.blob_path(sha256)
         try:

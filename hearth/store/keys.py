@@ -247,8 +247,8 @@ class KeyStore:
         t = self.clock()
         digest = hash_secret(secret)
         if self._fresh() and digest in self._verified:
-            key, until = self._verified[digest]
-            valid = (until is None or until > t) and (key.expires_at is None or key.expires_at > t)
+            key, cached_until = self._verified[digest]
+            valid = (cached_until is None or cached_until > t) and (key.expires_at is None or key.expires_at > t)
             return key if valid else None
         rows = self.db.query(
             f"SELECT s.hash, s.expires_at, {', '.join('k.' + c.strip() for c in KEY_COLUMNS.split(','))} "

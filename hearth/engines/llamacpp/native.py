@@ -181,7 +181,7 @@ class Model:
         if spec.logit_bias:
             arr = (L.llama_logit_bias * len(spec.logit_bias))()
             for i, (tok, bias) in enumerate(spec.logit_bias.items()):
-                arr[i].token = tok
+                arr[i].token = tok  # type: ignore[assignment]  # ctypes converts the int
                 arr[i].bias = -1e30 if bias <= -100 else bias
             add(L.llama_sampler_init_logit_bias(self.n_vocab, len(spec.logit_bias), arr))
         if spec.repeat_penalty != 1.0 or spec.presence_penalty or spec.frequency_penalty:

@@ -222,7 +222,8 @@ def _call(obj: Any, names: set[str]) -> ToolCall | None:
 def _json_values(text: str) -> list[Any] | None:
     """The JSON values in `text`, one after another (separated by space or ';'); None if anything else is there."""
     decoder = json.JSONDecoder()
-    values, i = [], 0
+    values: list[Any] = []
+    i = 0
     while True:
         while i < len(text) and text[i] in " \t\r\n;":
             i += 1

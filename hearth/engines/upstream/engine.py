@@ -254,7 +254,8 @@ class UpstreamEngine:
         if status == 404:
             return NotFound(text)
         if status == 429:
-            return RateLimited(text, retry_after=int(retry_after) if (retry_after or "").isdigit() else 5)
+            wait = retry_after or ""
+            return RateLimited(text, retry_after=int(wait) if wait.isdigit() else 5)
         if status in (401, 403):
             return UpstreamError(text + "; check the upstream's api_key_env / api_key_file")
         return BadRequest(text)
@@ -287,7 +288,7 @@ class UpstreamEngine:
         if not self._drop:
             return req
         s = req.sampling
-        cleared = {f: None for f in self._drop if hasattr(s, f) and getattr(s, f) not in (None, {})}
+        cleared: dict[str, Any] = {f: None for f in self._drop if hasattr(s, f) and getattr(s, f) not in (None, {})}
         for f in cleared:
             self._dropper(req.model)(f)
         return dataclasses.replace(req, sampling=dataclasses.replace(s, **cleared)) if cleared else req
