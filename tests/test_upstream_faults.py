@@ -37,8 +37,10 @@ class Fakes:
         self.slow1 = FakeUpstream(delay=0.4).start()
         self.slow2 = FakeUpstream(delay=0.4).start()
         self.olla = FakeUpstream(kind="ollama", models=("llamita:8b", "nomic-embed:latest")).start()
+        self.noembed1 = FakeUpstream(mode="noembed").start()
+        self.noembed2 = FakeUpstream(mode="noembed").start()
         self.all = [self.good, self.good2, self.err500, self.good3, self.only500, self.die, self.stall,
-                    self.stall_mid, self.bad, self.slow1, self.slow2, self.olla]
+                    self.stall_mid, self.bad, self.slow1, self.slow2, self.olla, self.noembed1, self.noembed2]
 
     def config(self) -> str:
         dead = f"http://127.0.0.1:{free_port()}"
@@ -109,6 +111,11 @@ models = ["m"]
 [upstreams.olla]
 kind = "ollama"
 urls = ["{self.olla.url}"]
+
+[upstreams.chatonly]
+kind = "openai"
+urls = ["{self.noembed1.url}", "{self.noembed2.url}"]
+models = ["m"]
 
 [aliases]
 main = "gemma3-270m:latest"
@@ -209,6 +216,25 @@ def test_upstream_answering_only_500_is_503_naming_it(server: Server) -> None:
     assert r.status_code == 503
     msg = r.json()["error"]["message"]
     assert "only500" in msg and "HTTP 500" in msg
+
+
+def test_upstream_that_cannot_do_a_request_is_400_and_stays_in_rotation(server: Server, fakes: Fakes) -> None:
+    # llama-server started without --embeddings answers 501: a fact about the server, not a fault of a
+    # replica, so no failover to the other replica, no ejection, and the client learns what to change
+    sent = len(fakes.noembed1.bodies) + len(fakes.noembed2.bodies)
+    for dialect in ("openai", "ollama"):
+        if dialect == "openai":
+            r = httpx.post(server.v1 + "/embeddings", json={"model": "m@chatonly", "input": "hi"}, timeout=30)
+            msg = r.json()["error"]["message"]
+        else:
+            r = httpx.post(server.url + "/api/embed", json={"model": "m@chatonly", "input": "hi"}, timeout=30)
+            msg = r.json()["error"]
+        assert r.status_code == 400, r.text
+        assert "'chatonly'" in msg and "HTTP 501" in msg and "--embeddings" in msg, msg
+    assert len(fakes.noembed1.bodies) + len(fakes.noembed2.bodies) - sent == 2  # one replica each time
+    assert "chatonly" not in "".join(line for line in server.log().splitlines() if "ejected" in line)
+    r = chat(server, "m@chatonly")  # chat on the same upstream is unaffected
+    assert r.status_code == 200, r.text
 
 
 def test_down_upstream_is_503_naming_it(server: Server) -> None:

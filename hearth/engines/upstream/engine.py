@@ -234,7 +234,7 @@ class UpstreamEngine:
                 return replica, resp
             self.pool.release(replica)
             message = await _error_text(resp)
-            if resp.status >= 500:
+            if resp.status >= 500 and resp.status != 501:  # 501: no replica of this server does that
                 self._fail(replica, f"HTTP {resp.status}: {message}", errors)
                 continue
             raise self._client_error(resp.status, message, resp.headers.get("retry-after"))
@@ -258,6 +258,10 @@ class UpstreamEngine:
             return RateLimited(text, retry_after=int(wait) if wait.isdigit() else 5)
         if status in (401, 403):
             return UpstreamError(text + "; check the upstream's api_key_env / api_key_file")
+        if status == 501:  # the server cannot do this kind of request at all (llama-server without --embeddings)
+            return BadRequest(f"upstream {self.name!r} does not support this request (HTTP 501): {message}; "
+                              "use a model on an engine that does, or change how that server is started",
+                              code="not_supported")
         return BadRequest(text)
 
     def _dropper(self, model: str) -> Any:

@@ -1,6 +1,6 @@
 """Replicas of one upstream: least-outstanding-requests balancing and health.
 
-A replica that fails (refused connection, timeout, 5xx) is ejected at once;
+A replica that fails (refused connection, timeout, 5xx but 501) is ejected at once;
 active health checks re-admit it when it answers again. When every replica is
 ejected, requests still try them (a last resort that also notices recovery
 before the next health check).
