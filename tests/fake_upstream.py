@@ -5,7 +5,7 @@ thread. Modes: ok, error500, die (breaks the stream after two pieces),
 stall (never answers), stall_mid (one piece, then silence until the client
 hangs up, counted in `cut`), badjson (structured
 output that fails the schema), noembed (embeddings answer 501, as llama-server
-without `--embeddings`), tools (a request with `tools` gets the calls
+without `--embeddings` and Ollama for a chat-only model do), tools (a request with `tools` gets the calls
 in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
 `bad_args` the arguments are not a JSON object). A request for logprobs gets
 each piece as one token with logprob -0.5 and the alternatives asked for;
@@ -101,10 +101,12 @@ class FakeUpstream:
     async def _embed(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(body)
-        if self.mode == "noembed":  # llama-server's answer when started without --embeddings
+        if self.mode == "noembed" and self.kind == "openai":  # llama-server started without --embeddings
             return web.json_response({"error": {"code": 501, "type": "not_supported_error", "message":
                                       "This server does not support embeddings. Start it with `--embeddings`"}},
                                      status=501)
+        if self.mode == "noembed":  # Ollama, for a model without the embedding capability
+            return web.json_response({"error": "this model does not support embeddings"}, status=501)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         vecs = [[float(i + 1)] * self.dimension for i, _ in enumerate(inputs)]
         if self.kind == "openai":

@@ -39,8 +39,10 @@ class Fakes:
         self.olla = FakeUpstream(kind="ollama", models=("llamita:8b", "nomic-embed:latest")).start()
         self.noembed1 = FakeUpstream(mode="noembed").start()
         self.noembed2 = FakeUpstream(mode="noembed").start()
+        self.olla_noembed = FakeUpstream(kind="ollama", mode="noembed", models=("chatty:1b",)).start()
         self.all = [self.good, self.good2, self.err500, self.good3, self.only500, self.die, self.stall,
-                    self.stall_mid, self.bad, self.slow1, self.slow2, self.olla, self.noembed1, self.noembed2]
+                    self.stall_mid, self.bad, self.slow1, self.slow2, self.olla, self.noembed1, self.noembed2,
+                    self.olla_noembed]
 
     def config(self) -> str:
         dead = f"http://127.0.0.1:{free_port()}"
@@ -116,6 +118,10 @@ urls = ["{self.olla.url}"]
 kind = "openai"
 urls = ["{self.noembed1.url}", "{self.noembed2.url}"]
 models = ["m"]
+
+[upstreams.ollachat]
+kind = "ollama"
+urls = ["{self.olla_noembed.url}"]
 
 [aliases]
 main = "gemma3-270m:latest"
@@ -232,9 +238,14 @@ def test_upstream_that_cannot_do_a_request_is_400_and_stays_in_rotation(server: 
         assert r.status_code == 400, r.text
         assert "'chatonly'" in msg and "HTTP 501" in msg and "--embeddings" in msg, msg
     assert len(fakes.noembed1.bodies) + len(fakes.noembed2.bodies) - sent == 2  # one replica each time
-    assert "chatonly" not in "".join(line for line in server.log().splitlines() if "ejected" in line)
     r = chat(server, "m@chatonly")  # chat on the same upstream is unaffected
     assert r.status_code == 200, r.text
+    # Ollama says the same for a chat-only model
+    r = httpx.post(server.v1 + "/embeddings", json={"model": "chatty:1b@ollachat", "input": "hi"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "'ollachat'" in r.json()["error"]["message"] and "does not support embeddings" in r.text
+    ejected = "".join(line for line in server.log().splitlines() if "ejected" in line)
+    assert "chatonly" not in ejected and "ollachat" not in ejected, ejected
 
 
 def test_down_upstream_is_503_naming_it(server: Server) -> None:
