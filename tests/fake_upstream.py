@@ -9,7 +9,8 @@ without `--embeddings` and Ollama for a chat-only model do), tools (a request wi
 in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
 `bad_args` the arguments are not a JSON object). A request for logprobs gets
 each piece as one token with logprob -0.5 and the alternatives asked for;
-`think` sends the reasoning in `THOUGHTS` before the answer. `delay` slows every answer; `requests` counts
+`think` sends the reasoning in `THOUGHTS` before the answer; a prompt longer than `CONTEXT` characters
+gets the 400 each server sends for it. `delay` slows every answer; `requests` counts
 generation calls; `bodies` keeps the JSON bodies received.
 """
 
@@ -24,6 +25,7 @@ from aiohttp import web
 
 PIECES = ["Hello", " from", " upstream"]
 THOUGHTS = ["Let me", " think."]
+CONTEXT = 2000
 CALLS = [("get_weather", {"city": "Tokyo", "unit": "c"}), ("get_time", {"zone": "JST"})]
 
 
@@ -114,6 +116,13 @@ class FakeUpstream:
             return web.json_response({"data": data, "usage": {"prompt_tokens": 3, "total_tokens": 3}})
         return web.json_response({"embeddings": vecs, "prompt_eval_count": 3})
 
+    def _context_full(self) -> web.Response:
+        if self.kind == "openai":  # llama-server's words (vLLM and OpenAI say "maximum context length")
+            return web.json_response({"error": {"code": 400, "type": "exceed_context_size_error", "message":
+                                      "request (5024 tokens) exceeds the available context size (2048 tokens), "
+                                      "try increasing it"}}, status=400)
+        return web.json_response({"error": "input length exceeds the context length"}, status=400)
+
     def _text_pieces(self, body: dict[str, Any]) -> list[str]:
         wants_json = body.get("response_format") or body.get("format")
         if wants_json:
@@ -130,6 +139,8 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "internal boom"}}, status=500)
         if self.mode == "stall":
             await asyncio.sleep(3600)
+        if len(json.dumps(body.get("messages") or body.get("prompt") or "")) > CONTEXT:
+            return self._context_full()
         chat = request.path.endswith("chat") or request.path.endswith("chat/completions")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream" if self.kind == "openai"
                                            else "application/x-ndjson"})

@@ -248,6 +248,22 @@ def test_upstream_that_cannot_do_a_request_is_400_and_stays_in_rotation(server: 
     assert "chatonly" not in ejected and "ollachat" not in ejected, ejected
 
 
+def test_prompt_too_long_for_an_upstream_is_context_length_exceeded(server: Server) -> None:
+    long = "word " * 1000
+    for model in ("m@good", "llamita:8b@olla"):
+        r = httpx.post(server.v1 + "/chat/completions", json={"model": model, "messages": [
+            {"role": "user", "content": long}]}, timeout=30)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded", err  # what OpenAI clients look for to trim a history
+        assert "context" in err["message"] and "shorten the prompt" in err["message"], err
+    r = httpx.post(server.url + "/api/chat", json={"model": "m@good", "messages": [
+        {"role": "user", "content": long}]}, timeout=30)
+    assert r.status_code == 400 and "exceeds the available context size" in r.json()["error"], r.text
+    r = chat(server, "m@good")  # a short one still goes through
+    assert r.status_code == 200, r.text
+
+
 def test_down_upstream_is_503_naming_it(server: Server) -> None:
     for model in ("m@down", "m@down2"):
         r = chat(server, model)

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import orjson
 from hearth.core import record
 from hearth.core.errors import (
     BadRequest,
+    ContextLengthExceeded,
     EngineUnavailable,
     HearthError,
     NotFound,
@@ -47,6 +49,8 @@ from hearth.settings import UpstreamEntry, UpstreamModel
 log = logging.getLogger("hearth.upstream")
 audit = logging.getLogger("hearth.cloud")
 RETRYABLE = (OSError, EOFError, TimeoutError)  # HTTPProtocolError is a ConnectionError
+# how upstreams say a prompt does not fit (llama-server, vLLM, OpenAI, Ollama); clients look for the code
+CONTEXT_FULL = re.compile(r"context (length|size|window)|maximum context", re.IGNORECASE)
 
 
 class Secret:
@@ -258,6 +262,8 @@ class UpstreamEngine:
             return RateLimited(text, retry_after=int(wait) if wait.isdigit() else 5)
         if status in (401, 403):
             return UpstreamError(text + "; check the upstream's api_key_env / api_key_file")
+        if status == 400 and CONTEXT_FULL.search(message):
+            return ContextLengthExceeded(text + "; shorten the prompt or lower max_tokens")
         if status == 501:  # the server cannot do this kind of request at all (llama-server without --embeddings)
             return BadRequest(f"upstream {self.name!r} does not support this request (HTTP 501): {message}; "
                               "use a model on an engine that does, or change how that server is started",
