@@ -110,7 +110,9 @@ class FakeUpstream:
         if self.mode == "noembed":  # Ollama, for a model without the embedding capability
             return web.json_response({"error": "this model does not support embeddings"}, status=501)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        vecs = [[float(i + 1)] * self.dimension for i, _ in enumerate(inputs)]
+        # Ollama shortens to `dimensions`; llama-server (the openai kind here) ignores it
+        size = (body.get("dimensions") or self.dimension) if self.kind == "ollama" else self.dimension
+        vecs = [[float(i + 1)] * size for i, _ in enumerate(inputs)]
         if self.kind == "openai":
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]
             return web.json_response({"data": data, "usage": {"prompt_tokens": 3, "total_tokens": 3}})

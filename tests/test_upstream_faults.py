@@ -175,6 +175,23 @@ def test_completions_and_embeddings(server: Server, fakes: Fakes) -> None:
     assert len(vec) == 8 and abs(sum(x * x for x in vec) - 1.0) < 1e-6
 
 
+def test_embedding_dimensions_an_upstream_ignores_are_a_400_not_vectors_of_another_size(
+        server: Server, fakes: Fakes) -> None:
+    # llama-server ignores `dimensions`: handing its 8 numbers to a client that asked for 4 would
+    # fail later, at the client's insert into a 4-wide column
+    with pytest.raises(openai.BadRequestError) as err:
+        client(server).embeddings.create(model="e-embed@good", input="a", dimensions=4)
+    msg = str(err.value)
+    assert "'good' does not shorten" in msg and "8-dimensional" in msg and "drop `dimensions`" in msg, msg
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "dimensions"
+    # Ollama shortens: the asked size comes back, and is not taken for the model's native size
+    r = httpx.post(server.url + "/api/embed", json={"model": "nomic-embed:latest@olla", "input": "a",
+                                                    "dimensions": 4}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["embeddings"][0]) == 4, r.text
+    listed = {m["id"]: m for m in httpx.get(server.v1 + "/models", timeout=30).json()["data"]}
+    assert listed["nomic-embed:latest"].get("embedding_dimension") in (None, 8), listed["nomic-embed:latest"]
+
+
 def test_unsupported_params_are_dropped_with_a_log_line(server: Server, fakes: Fakes) -> None:
     r = chat(server, "m@good", top_k=5, temperature=0.5)
     assert r.status_code == 200, r.text

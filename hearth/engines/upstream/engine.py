@@ -321,8 +321,15 @@ class UpstreamEngine:
         finally:
             dog.close()
         self.pool.succeeded(replica)
-        if vectors and model.embedding_dimension is None:
-            model.embedding_dimension = len(vectors[0])
+        got = len(vectors[0]) if vectors else None
+        if got is not None and req.dimensions is not None and got != req.dimensions:
+            # llama-server and most OpenAI-compatible servers ignore `dimensions`: answering with
+            # vectors of another size would break the client's store at insert time instead
+            raise BadRequest(
+                f"upstream {self.name!r} does not shorten embeddings: model {model.id!r} gives "
+                f"{got}-dimensional vectors; drop `dimensions` or ask for {got}", param="dimensions")
+        if got is not None and req.dimensions is None and model.embedding_dimension is None:
+            model.embedding_dimension = got  # only an unshortened answer tells the native size
         self._audit(model.id, tokens, 0, "ok")
         return EmbedResult(vectors=[_normalised(v) for v in vectors], prompt_tokens=tokens, model=model.id,
                            total_ns=time.perf_counter_ns() - t0)
