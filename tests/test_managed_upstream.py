@@ -129,11 +129,27 @@ def test_logprobs_from_llama_server_in_both_dialects(server: Server) -> None:
 
 def test_shown_by_api_ps_and_hearth_ps(server: Server) -> None:
     assert MODEL in loaded_names(server)
+    # the context one request may use, as the child reports it: --ctx-size 1024 over -np 2 slots
+    # (not the GGUF's 32768 training size, and not unknown because the model is declared by name)
+    ps = {m["name"]: m for m in httpx.get(server.url + "/api/ps", timeout=10).json()["models"]}
+    assert ps[MODEL]["context_length"] == 512 and ps[MODEL]["size"] > 100_000_000, ps
+    listed = {m["id"]: m for m in httpx.get(server.v1 + "/models", timeout=10).json()["data"]}
+    assert listed[MODEL]["context_length"] == 512
     out = subprocess.run([sys.executable, "-m", "hearth", "ps", "--url", server.url],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert MODEL in out.stdout
+    assert MODEL in out.stdout and " 512 " in out.stdout, out.stdout
     assert "minutes from now" in out.stdout or "less than a minute" in out.stdout
+
+
+def test_described_from_its_gguf_file(server: Server) -> None:
+    """/api/show and /api/tags describe the managed child's model as Ollama would (read from the GGUF)."""
+    shown = ollama.Client(host=server.url, timeout=30).show(MODEL)
+    assert shown.details and shown.details.family == "gemma3" and shown.details.format == "gguf"
+    assert shown.details.quantization_level == "Q4_K_M" and shown.details.parameter_size.endswith("M")
+    assert shown.modelinfo and shown.modelinfo["general.architecture"] == "gemma3"
+    tags = {m.model: m for m in ollama.Client(host=server.url, timeout=30).list().models}
+    assert tags[MODEL].size and tags[MODEL].size > 100_000_000 and tags[MODEL].modified_at.year > 2000
 
 
 def test_restarted_when_it_dies(server: Server) -> None:

@@ -81,6 +81,21 @@ class GGUFInfo:
         return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
+def model_facts(meta: GGUFInfo) -> dict[str, Any]:
+    """What a GGUF file says about its model, as `ModelInfo` fields (for /api/show, /api/tags, ps).
+
+    Shared by the in-box engine and managed upstreams that serve a GGUF path.
+    """
+    metadata = {k: v for k, v in meta.metadata.items() if not k.startswith("tokenizer.ggml.")}
+    metadata["size_label"] = meta.size_label
+    metadata["context_length_train"] = meta.context_length
+    return {
+        "architecture": meta.architecture, "family": meta.architecture,
+        "parameter_count": meta.parameter_count, "quantization": meta.quantization,
+        "chat_template": meta.chat_template, "metadata": metadata,
+    }
+
+
 class _Cursor:
     def __init__(self, buf: Any) -> None:
         self.buf = buf

@@ -35,7 +35,7 @@ from hearth.engines.llamacpp.client import WorkerArgs, WorkerClient
 from hearth.engines.llamacpp.native_spec import sampler_spec
 from hearth.engines.llamacpp.tool_stream import ToolCallGeneration
 from hearth.models.bundled import BUNDLED_NAME, ensure_bundled
-from hearth.models.gguf_meta import GGUFError, read_gguf
+from hearth.models.gguf_meta import GGUFError, model_facts, read_gguf
 from hearth.settings import Settings
 
 log = logging.getLogger("hearth.engine.llamacpp")
@@ -162,14 +162,10 @@ class LlamaCppEngine:
             embedding_dimension=meta.embedding_length or None,
             embedding_dimensions=sorted(set(dims) | {meta.embedding_length}) if dims else [],
             capabilities=["completion", "embedding", "tools"],
-            architecture=meta.architecture, family=meta.architecture,
-            parameter_count=meta.parameter_count, quantization=meta.quantization,
-            size_bytes=path.stat().st_size, chat_template=meta.chat_template, path=str(path),
+            size_bytes=path.stat().st_size, path=str(path),
             digest=path.name.removeprefix("sha256-") if path.name.startswith("sha256-") else "",
-            metadata={k: v for k, v in meta.metadata.items() if not k.startswith("tokenizer.ggml.")},
+            **model_facts(meta),
         )
-        info.metadata["size_label"] = meta.size_label
-        info.metadata["context_length_train"] = meta.context_length
         self.served[name] = ServedModel(info=info, path=path, lock=asyncio.Lock())
 
     async def start(self) -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -44,6 +45,7 @@ from hearth.engines.upstream.ollama import OllamaWire
 from hearth.engines.upstream.openai import OpenAIWire
 from hearth.engines.upstream.replicas import Replica, ReplicaPool, describe
 from hearth.engines.upstream.watchdog import Deadlines, Watchdog
+from hearth.models.gguf_meta import GGUFError, model_facts, read_gguf
 from hearth.settings import UpstreamEntry, UpstreamModel
 
 log = logging.getLogger("hearth.upstream")
@@ -93,6 +95,8 @@ class UpstreamEngine:
         self._models: dict[str, ModelInfo] = {}
         self._declared = [m if isinstance(m, UpstreamModel) else UpstreamModel(name=m) for m in cfg.models]
         self._refreshed = 0.0
+        self._sized_at = 0.0  # start time of the managed child whose context sizes were read
+        self._file_facts: dict[str, Any] = {}  # ModelInfo fields from a managed child's GGUF file
         self._http: Pool | None = None
         self.deadlines = Deadlines()  # one timer for the timeouts of all requests in flight
 
@@ -101,6 +105,8 @@ class UpstreamEngine:
     async def start(self) -> None:
         """Open the connection pool, learn the models, start health checks."""
         self._http = Pool(self.cfg.timeouts.connect)
+        if self.managed is not None and self.managed.cfg.model_path is not None:
+            self._file_facts = await asyncio.to_thread(gguf_facts, self.managed.cfg.model_path.expanduser())
         self._set_models(self._declared)
         if not self._declared:
             await self._discover()
@@ -146,6 +152,8 @@ class UpstreamEngine:
                 metadata={"upstream": self.name, "upstream_model": m.name, "cloud": self.cloud,
                           "kind": self.cfg.kind},
             )
+            for key, value in self._file_facts.items():  # a managed child's GGUF describes its model
+                setattr(info, key, {**value, **info.metadata} if key == "metadata" else value)
             old = self._models.get(info.id)
             if old is not None and old.embedding_dimension and not info.embedding_dimension:
                 info.embedding_dimension = old.embedding_dimension
@@ -182,8 +190,37 @@ class UpstreamEngine:
 
     async def _base_url(self, replica: Replica) -> str:
         if self.managed is not None:
-            replica.url = await self.managed.ensure()
+            replica.url = await self._ensure_managed()
         return replica.url
+
+    async def _ensure_managed(self) -> str:
+        """The managed child's URL, started if needed; a new child is asked its context size."""
+        assert self.managed is not None
+        url = await self.managed.ensure()
+        if self._sized_at != self.managed.started_at:
+            self._sized_at = self.managed.started_at
+            await self._learn_contexts(url)
+        return url
+
+    async def _learn_contexts(self, url: str) -> None:
+        """Fill in the context size of models declared without one, from the child's model list.
+
+        It depends on the command line (`--ctx-size`, slots), so only the running child knows it;
+        it is shown by `/api/ps`, `hearth ps` and `/v1/models`, so a failure here only logs.
+        """
+        try:
+            async with asyncio.timeout(self.cfg.timeouts.connect):
+                status, raw = await self._get(url + self.wire.models_path)
+            listed = self.wire.model_list(orjson.loads(raw)) if status == 200 else []
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, *RETRYABLE) as exc:
+            log.info("upstream %s: could not read the context size: %s", self.name, describe(exc))
+            return
+        sizes = {m.name: m.context_length for m in listed if m.context_length}
+        only = next(iter(sizes.values())) if len(sizes) == 1 else 0  # llama-server lists its GGUF path
+        for declared in self._declared:
+            info = self._models.get(self._model_id(declared.name))
+            if info is not None and not declared.context_length:
+                info.context_length = sizes.get(declared.name, only)
 
     async def _probe_url(self, url: str) -> bool:
         try:
@@ -321,6 +358,7 @@ class UpstreamEngine:
         finally:
             dog.close()
         self.pool.succeeded(replica)
+        self._audit(model.id, tokens, 0, "ok")  # sent and answered, even if refused below
         got = len(vectors[0]) if vectors else None
         if got is not None and req.dimensions is not None and got != req.dimensions:
             # llama-server and most OpenAI-compatible servers ignore `dimensions`: answering with
@@ -330,7 +368,6 @@ class UpstreamEngine:
                 f"{got}-dimensional vectors; drop `dimensions` or ask for {got}", param="dimensions")
         if got is not None and req.dimensions is None and model.embedding_dimension is None:
             model.embedding_dimension = got  # only an unshortened answer tells the native size
-        self._audit(model.id, tokens, 0, "ok")
         return EmbedResult(vectors=[_normalised(v) for v in vectors], prompt_tokens=tokens, model=model.id,
                            total_ns=time.perf_counter_ns() - t0)
 
@@ -343,16 +380,14 @@ class UpstreamEngine:
         m = self.managed
         if m is None or not m.running:
             return []
-        size = 0
-        if m.cfg.model_path is not None and m.cfg.model_path.expanduser().is_file():
-            size = m.cfg.model_path.expanduser().stat().st_size
-        return [LoadedModel(info.id, size, info.context_length, m.expires_at()) for info in self._models.values()]
+        return [LoadedModel(info.id, info.size_bytes, info.context_length, m.expires_at())  # size: of its GGUF
+                for info in self._models.values()]
 
     async def load(self, model: ModelInfo, keep_alive: float | None) -> float:
         """Start a managed child now; other upstreams load on their own."""
         t0 = time.perf_counter()
         if self.managed is not None:
-            await self.managed.ensure()
+            await self._ensure_managed()
         return time.perf_counter() - t0
 
     async def unload(self, model: ModelInfo) -> None:
@@ -384,6 +419,19 @@ async def _error_text(resp: Response) -> str:
         return str(msg)[:300]
     except orjson.JSONDecodeError:
         return raw.decode(errors="replace").strip()[:300] or "(empty body)"
+
+
+def gguf_facts(path: Path) -> dict[str, Any]:
+    """ModelInfo fields read from a managed child's model file ({} unless it is a readable GGUF)."""
+    if not path.is_file():
+        return {}  # e.g. a Hugging Face directory for `vllm serve`
+    try:
+        meta = read_gguf(path)
+    except (GGUFError, OSError) as exc:
+        log.info("%s is not a GGUF file hearth can read (%s); its details stay unknown", path, exc)
+        return {}
+    stat = path.stat()
+    return {**model_facts(meta), "path": str(path), "size_bytes": stat.st_size, "created": int(stat.st_mtime)}
 
 
 def _normalised(vec: list[float]) -> list[float]:

@@ -169,7 +169,9 @@ class OpenAIWire:
             name = item.get("id") or item.get("name") or item.get("model")
             if not name:
                 continue
-            ctx = item.get("context_length") or item.get("max_model_len") or (item.get("meta") or {}).get("n_ctx_train")
+            # llama-server's `meta.n_ctx` is what one request may use (its n_ctx_train is the
+            # training size, often far larger than what it was started with); vLLM says max_model_len
+            ctx = item.get("context_length") or item.get("max_model_len") or (item.get("meta") or {}).get("n_ctx")
             models.append(UpstreamModel(name=name, context_length=int(ctx or 0), embedding="embed" in name.lower()))
         return models
 
