@@ -95,7 +95,9 @@ class FakeUpstream:
     async def _models_openai(self, request: web.Request) -> web.Response:
         if self.mode == "error500":
             return web.json_response({"error": {"message": "boom"}}, status=500)
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+        meta = {"n_ctx": 4096, "n_ctx_train": 32768}  # llama-server's: per-request context, training size
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "meta": meta}
+                                                             for m in self.models]})
 
     async def _models_ollama(self, request: web.Request) -> web.Response:
         return web.json_response({"models": [{"name": m, "model": m, "details": {"family": "x"}} for m in self.models]})

@@ -201,8 +201,9 @@ def test_unsupported_params_are_dropped_with_a_log_line(server: Server, fakes: F
 
 
 def test_models_are_listed_with_upstream_names(server: Server) -> None:
-    ids = {m.id for m in client(server).models.list().data}
-    assert {"m", "e-embed", "llamita:8b", "fake:latest"} <= ids
+    listed = {m.id: m for m in client(server).models.list().data}
+    assert {"m", "e-embed", "llamita:8b", "fake:latest"} <= set(listed)
+    assert getattr(listed["e-embed"], "context_length") == 4096  # what a request may use, not n_ctx_train
 
 
 def test_refused_replica_fails_over_and_is_ejected(server: Server, fakes: Fakes) -> None:
