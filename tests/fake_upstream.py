@@ -145,6 +145,11 @@ class FakeUpstream:
             await asyncio.sleep(3600)
         if len(json.dumps(body.get("messages") or body.get("prompt") or "")) > CONTEXT:
             return self._context_full()
+        if self.kind == "openai" and '"image_url"' in json.dumps(body.get("messages") or []):
+            # llama-server's answer for a model started without a projector (--mmproj): a 500
+            return web.json_response({"error": {"code": 500, "type": "server_error", "message":
+                                      "image input is not supported - hint: if this is unexpected, "
+                                      "you may need to provide the mmproj"}}, status=500)
         chat = request.path.endswith("chat") or request.path.endswith("chat/completions")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream" if self.kind == "openai"
                                            else "application/x-ndjson"})

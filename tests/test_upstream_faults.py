@@ -253,6 +253,14 @@ def test_upstream_that_cannot_do_a_request_is_400_and_stays_in_rotation(server: 
         msg = err["message"] if isinstance(err, dict) else err  # OpenAI's envelope or Ollama's
         assert "'chatonly'" in msg and "HTTP 501" in msg and "--embeddings" in msg, msg
     assert len(fakes.noembed1.bodies) + len(fakes.noembed2.bodies) - sent == 2  # one replica each time
+    # llama-server without a projector says so for an image with a 500: the same kind of fact
+    image = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    r = httpx.post(server.v1 + "/chat/completions", timeout=30, json={
+        "model": "m@chatonly", "messages": [{"role": "user", "content": image}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported", r.text
+    assert "HTTP 500" in r.text and "image input is not supported" in r.text
+    assert len(fakes.noembed1.bodies) + len(fakes.noembed2.bodies) - sent == 3
     r = chat(server, "m@chatonly")  # chat on the same upstream is unaffected
     assert r.status_code == 200, r.text
     # Ollama says the same for a chat-only model

@@ -53,6 +53,9 @@ audit = logging.getLogger("hearth.cloud")
 RETRYABLE = (OSError, EOFError, TimeoutError)  # HTTPProtocolError is a ConnectionError
 # how upstreams say a prompt does not fit (llama-server, vLLM, OpenAI, Ollama); clients look for the code
 CONTEXT_FULL = re.compile(r"context (length|size|window)|maximum context", re.IGNORECASE)
+# a 5xx that says the server cannot do what was asked (llama-server answers an image to a model
+# without a projector with 500 "image input is not supported"): a fact about the request, not a fault
+NOT_SUPPORTED = re.compile(r"\bnot supported\b|\bdoes not support\b", re.IGNORECASE)
 
 
 class Secret:
@@ -275,7 +278,7 @@ class UpstreamEngine:
                 return replica, resp
             self.pool.release(replica)
             message = await _error_text(resp)
-            if resp.status >= 500 and resp.status != 501:  # 501: no replica of this server does that
+            if resp.status >= 500 and not _unsupported(resp.status, message):  # no replica would do that
                 self._fail(replica, f"HTTP {resp.status}: {message}", errors)
                 continue
             raise self._client_error(resp.status, message, resp.headers.get("retry-after"))
@@ -301,8 +304,8 @@ class UpstreamEngine:
             return UpstreamError(text + "; check the upstream's api_key_env / api_key_file")
         if status == 400 and CONTEXT_FULL.search(message):
             return ContextLengthExceeded(text + "; shorten the prompt or lower max_tokens")
-        if status == 501:  # the server cannot do this kind of request at all (llama-server without --embeddings)
-            return BadRequest(f"upstream {self.name!r} does not support this request (HTTP 501): {message}; "
+        if _unsupported(status, message):  # e.g. llama-server without --embeddings, or without an mmproj
+            return BadRequest(f"upstream {self.name!r} does not support this request (HTTP {status}): {message}; "
                               "use a model on an engine that does, or change how that server is started",
                               code="not_supported")
         return BadRequest(text)
@@ -419,6 +422,11 @@ async def _error_text(resp: Response) -> str:
         return str(msg)[:300]
     except orjson.JSONDecodeError:
         return raw.decode(errors="replace").strip()[:300] or "(empty body)"
+
+
+def _unsupported(status: int, message: str) -> bool:
+    """The server says it cannot do this kind of request: the client's 400, not a replica's fault."""
+    return status == 501 or (status >= 500 and NOT_SUPPORTED.search(message) is not None)
 
 
 def gguf_facts(path: Path) -> dict[str, Any]:
