@@ -170,3 +170,27 @@ def test_stopped_after_keep_alive(server: Server) -> None:
         time.sleep(1)
     assert MODEL not in loaded_names(server)
     assert "idle for" in server.log()
+
+
+def seconds_left(server: Server) -> float:
+    """Seconds until the managed model's expiry, from /api/ps."""
+    from datetime import datetime
+
+    entry = next(m for m in httpx.get(server.url + "/api/ps", timeout=10).json()["models"] if m["name"] == MODEL)
+    return datetime.fromisoformat(entry["expires_at"].replace("Z", "+00:00")).timestamp() - time.time()
+
+
+def test_a_requests_keep_alive_rules_as_in_ollama(server: Server) -> None:
+    """Each request's keep_alive sets how long the child stays after it; none means the configured one."""
+    cl = ollama.Client(host=server.url, timeout=180)
+    cl.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}, keep_alive=-1)
+    assert seconds_left(server) > 365 * 86400, "keep_alive -1 keeps it forever"
+    time.sleep(9)  # past the configured 8 s
+    assert MODEL in loaded_names(server)
+    cl.generate(model=MODEL, prompt="Hi", options={"num_predict": 2})
+    assert 4 < seconds_left(server) <= 8.5, "no keep_alive: the configured 8 s again"
+    cl.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2}, keep_alive=0)
+    deadline = time.time() + 5
+    while time.time() < deadline and MODEL in loaded_names(server):
+        time.sleep(0.2)
+    assert MODEL not in loaded_names(server), "keep_alive 0: stopped as soon as the request ended"

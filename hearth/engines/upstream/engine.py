@@ -325,13 +325,15 @@ class UpstreamEngine:
         name = self._upstream_model(model)
         path, body = self.wire.generate_body(name, self._without_dropped(req), self._dropper(name))
         dog = Watchdog(self.deadlines)
+        if self.managed is not None:
+            self.managed.hold(req.keep_alive)  # before the child is started: nothing stops it meanwhile
         try:
             replica, resp = await self._open(path, body, dog)
         except BaseException:
             dog.close()
+            if self.managed is not None:
+                self.managed.release()
             raise
-        if self.managed is not None:
-            self.managed.busy += 1
         return UpstreamGeneration(self, replica, resp, req, name, dog)
 
     def _without_dropped(self, req: GenerateRequest) -> GenerateRequest:
@@ -348,6 +350,8 @@ class UpstreamEngine:
         t0 = time.perf_counter_ns()
         path, body = self.wire.embed_body(self._upstream_model(model), req)
         dog = Watchdog(self.deadlines)
+        if self.managed is not None:
+            self.managed.hold(req.keep_alive)
         try:
             replica, resp = await self._open(path, body, dog)
             try:
@@ -360,6 +364,8 @@ class UpstreamEngine:
                 self.pool.release(replica)
         finally:
             dog.close()
+            if self.managed is not None:
+                self.managed.release()
         self.pool.succeeded(replica)
         self._audit(model.id, tokens, 0, "ok")  # sent and answered, even if refused below
         got = len(vectors[0]) if vectors else None
@@ -390,6 +396,7 @@ class UpstreamEngine:
         """Start a managed child now; other upstreams load on their own."""
         t0 = time.perf_counter()
         if self.managed is not None:
+            self.managed.keep(keep_alive)
             await self._ensure_managed()
         return time.perf_counter() - t0
 
@@ -594,7 +601,7 @@ class UpstreamGeneration:
             self.resp.close()
         self.engine.pool.release(self.replica)
         if self.engine.managed is not None:
-            self.engine.managed.busy -= 1
+            self.engine.managed.release()
 
     async def aclose(self) -> None:
         """Stop reading; an unfinished stream is cut so the upstream stops generating."""

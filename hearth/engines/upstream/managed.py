@@ -9,6 +9,7 @@ keep-alive of idleness.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -69,6 +70,8 @@ class ManagedServer:
         self.started_at = 0.0
         self.last_used = 0.0
         self.busy = 0  # requests in flight
+        self.keep_alive = cfg.keep_alive  # the last request's keep_alive, as Ollama counts it
+        self._poke = asyncio.Event()  # a request ended: the reaper looks again now
         self.tail: deque[str] = deque(maxlen=20)
         self._lock = asyncio.Lock()
         self._stopping = False
@@ -82,9 +85,26 @@ class ManagedServer:
 
     def expires_at(self) -> float | None:
         """Unix time the server will be stopped if still idle (None = never)."""
-        if self.cfg.keep_alive < 0:
+        if self.keep_alive < 0:
             return None
-        return time.time() + max(0.0, self.last_used + self.cfg.keep_alive - time.monotonic())
+        if self.busy:
+            return time.time() + self.keep_alive
+        return time.time() + max(0.0, self.last_used + self.keep_alive - time.monotonic())
+
+    def keep(self, keep_alive: float | None) -> None:
+        """A request's keep_alive (seconds, <0 forever) rules from now on; None = the configured one."""
+        self.keep_alive = self.cfg.keep_alive if keep_alive is None else keep_alive
+
+    def hold(self, keep_alive: float | None) -> None:
+        """A request starts: the child stays up until it ends, then for its keep_alive."""
+        self.busy += 1
+        self.keep(keep_alive)
+
+    def release(self) -> None:
+        """A request ended: the idle time counts from now."""
+        self.busy -= 1
+        self.last_used = time.monotonic()
+        self._poke.set()
 
     async def ensure(self) -> str:
         """The base URL of the running server, starting it first if needed."""
@@ -180,12 +200,13 @@ class ManagedServer:
                 log.error("%s", exc.message)
 
     async def _reaper(self, proc: asyncio.subprocess.Process) -> None:
-        if self.cfg.keep_alive < 0:
-            return
         while proc is self.proc and proc.returncode is None:
-            await asyncio.sleep(min(max(self.cfg.keep_alive / 4, 0.1), 5.0))
+            wait = 5.0 if self.keep_alive < 0 else min(max(self.keep_alive / 4, 0.1), 5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), wait)
+            self._poke.clear()
             idle = time.monotonic() - self.last_used
-            if self.busy == 0 and idle >= self.cfg.keep_alive and proc is self.proc:
+            if self.keep_alive >= 0 and self.busy == 0 and idle >= self.keep_alive and proc is self.proc:
                 log.info("managed upstream %s idle for %.0fs (keep_alive); stopping it", self.name, idle)
                 await self.stop()
                 return
