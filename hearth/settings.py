@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "HEARTH_"
@@ -80,7 +80,7 @@ class UpstreamEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["openai", "ollama"] = Field(description="openai (any /v1 server) or ollama (native /api).")
-    urls: list[str] = Field(default_factory=list, description="Replica base URLs (without /v1).")
+    urls: list[str] = Field(default_factory=list, description="Replica base URLs (a trailing /v1 or /api is dropped).")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
     api_key_file: Path | None = Field(None, description="File holding the API key.")
     timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
@@ -95,6 +95,13 @@ class UpstreamEntry(BaseModel):
     health_interval: float = Field(5.0, gt=0, description="Seconds between health checks of each replica.")
     refresh: float = Field(60.0, gt=0, description="Seconds between model list refreshes.")
     managed: ManagedUpstream | None = Field(None, description="Start this server on first use.")
+
+    @model_validator(mode="after")
+    def _base_urls(self) -> UpstreamEntry:
+        """Accept a URL as SDKs spell it (`.../v1`, Ollama's `.../api`): hearth adds the API path itself."""
+        suffix = "/v1" if self.kind == "openai" else "/api"
+        self.urls = [u.rstrip("/").removesuffix(suffix) for u in self.urls]
+        return self
 
 
 class AliasEntry(BaseModel):

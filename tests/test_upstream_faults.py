@@ -27,6 +27,7 @@ class Fakes:
         self.good = FakeUpstream().start()
         self.good2 = FakeUpstream().start()
         self.flaky_port = free_port()  # nothing listens here until the recovery test
+        self.late_port = free_port()  # an upstream that comes up after hearth (the listing test)
         self.err500 = FakeUpstream(mode="error500").start()
         self.good3 = FakeUpstream().start()
         self.only500 = FakeUpstream(mode="error500").start()
@@ -47,6 +48,11 @@ class Fakes:
     def config(self) -> str:
         dead = f"http://127.0.0.1:{free_port()}"
         return f"""
+[upstreams.late]
+kind = "openai"
+urls = ["http://127.0.0.1:{self.late_port}/v1"]  # as the OpenAI SDK spells a base URL
+refresh = 1
+
 [upstreams.good]
 kind = "openai"
 urls = ["{self.good.url}"]
@@ -112,7 +118,7 @@ models = ["m"]
 
 [upstreams.olla]
 kind = "ollama"
-urls = ["{self.olla.url}"]
+urls = ["{self.olla.url}/api/"]  # as some Ollama clients spell it
 
 [upstreams.chatonly]
 kind = "openai"
@@ -226,6 +232,32 @@ def test_recovered_replica_is_readmitted(server: Server, fakes: Fakes) -> None:
         assert "re-admitted" in server.log()
     finally:
         revived.stop()
+
+
+def test_discovered_models_are_listed_when_the_upstream_comes_up_and_follow_its_list(
+        server: Server, fakes: Fakes) -> None:
+    # nobody asks for these models by name: /v1/models and /api/tags alone must show them
+    def ids() -> set[str]:
+        return {m["id"] for m in httpx.get(server.v1 + "/models", timeout=30).json()["data"]}
+
+    def tags() -> set[str]:
+        return {m["name"] for m in httpx.get(server.url + "/api/tags", timeout=30).json()["models"]}
+
+    assert "late-model" not in ids()  # down when hearth started
+    late = FakeUpstream(port=fakes.late_port, models=("late-model",)).start()
+    try:
+        deadline = time.time() + 10  # re-listed every 5 s while it did not answer
+        while time.time() < deadline and "late-model" not in ids():
+            time.sleep(0.3)
+        assert "late-model" in ids() and "late-model" in tags()
+        late.models = ("late-model", "later-model")  # its list changes: `refresh = 1`
+        deadline = time.time() + 5
+        while time.time() < deadline and "later-model" not in ids():
+            time.sleep(0.3)
+        assert {"late-model", "later-model"} <= ids() and "later-model" in tags()
+        assert chat(server, "later-model@late").status_code == 200
+    finally:
+        late.stop()
 
 
 def test_replica_answering_500_fails_over(server: Server, fakes: Fakes) -> None:

@@ -45,7 +45,7 @@ class Engine(Protocol):
         """Stop workers and release resources."""
 
     async def list_models(self) -> list[ModelInfo]:
-        """Models this engine can serve right now."""
+        """Models this engine can serve right now (from memory: listing must not wait on the network)."""
 
     async def generate(self, model: ModelInfo, req: GenerateRequest) -> Generation:
         """Admit a request and start generating; raises `HearthError` if refused."""

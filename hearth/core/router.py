@@ -83,9 +83,8 @@ class Router:
         return None
 
     async def models(self) -> list[ModelInfo]:
-        """All served models (aliases are listed on their targets)."""
-        if not self._table:
-            await self.refresh()
+        """All served models (aliases are listed on their targets), as the engines know them now."""
+        await self.refresh()  # engines list from memory; upstreams re-list in the background
         return [info for _, info in self._table.values()]
 
     def _alias(self, wanted: str) -> str | None:

@@ -97,7 +97,7 @@ class UpstreamEngine:
         self._dropped_logged: set[str] = set()
         self._models: dict[str, ModelInfo] = {}
         self._declared = [m if isinstance(m, UpstreamModel) else UpstreamModel(name=m) for m in cfg.models]
-        self._refreshed = 0.0
+        self._refresher: asyncio.Future[None] | None = None  # re-lists discovered models
         self._sized_at = 0.0  # start time of the managed child whose context sizes were read
         self._file_facts: dict[str, Any] = {}  # ModelInfo fields from a managed child's GGUF file
         self._http: Pool | None = None
@@ -113,12 +113,17 @@ class UpstreamEngine:
         self._set_models(self._declared)
         if not self._declared:
             await self._discover()
+            self._refresher = asyncio.ensure_future(self._refresh_loop())
         if self.managed is None and not self.cloud:
             self.pool.start_health_checks(self._probe_replica, self.cfg.health_interval)
 
     async def close(self) -> None:
         """Stop health checks, a managed child, and the connection pool."""
         await self.pool.stop()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+            self._refresher = None
         if self.managed is not None:
             await self.managed.close()
         if self._http is not None:
@@ -165,25 +170,29 @@ class UpstreamEngine:
 
     async def _discover(self) -> None:
         """Ask a replica for its model list (keeps the old list on failure)."""
-        self._refreshed = time.monotonic()
         path = self.wire.models_path
         try:
-            data = await self._get_json(path)
-        except (HearthError, *RETRYABLE) as exc:
+            listed = self.wire.model_list(await self._get_json(path))
+        except (HearthError, AttributeError, TypeError, ValueError, *RETRYABLE) as exc:
             reason = exc.message if isinstance(exc, HearthError) else describe(exc)
+            if reason != self.discovery_error:  # once per outage, not every retry
+                log.warning("upstream %s: could not list models: %s", self.name, reason)
             self.discovery_error = reason
-            log.warning("upstream %s: could not list models: %s", self.name, reason)
             return
+        before = set(self._models)
         self.discovery_error = None
-        self._set_models(self.wire.model_list(data))
-        log.info("upstream %s serves %d models", self.name, len(self._models))
+        self._set_models(listed)
+        if set(self._models) != before:
+            log.info("upstream %s serves %d models", self.name, len(self._models))
+
+    async def _refresh_loop(self) -> None:
+        """Re-list the models every `refresh` seconds, every 5 s while the upstream does not answer."""
+        while True:
+            await asyncio.sleep(5.0 if self.discovery_error else self.cfg.refresh)
+            await self._discover()
 
     async def list_models(self) -> list[ModelInfo]:
-        """Declared models, or discovered ones (refreshed every `refresh` seconds)."""
-        if not self._declared:
-            age = time.monotonic() - self._refreshed
-            if age > self.cfg.refresh or (self.discovery_error and age > 5.0):
-                await self._discover()
+        """Declared models, or the last discovered ones (kept fresh by a background task)."""
         return list(self._models.values())
 
     def _upstream_model(self, model: ModelInfo) -> str:
