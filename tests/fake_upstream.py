@@ -100,7 +100,13 @@ class FakeUpstream:
                                                              for m in self.models]})
 
     async def _models_ollama(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": [{"name": m, "model": m, "details": {"family": "x"}} for m in self.models]})
+        def entry(m: str) -> dict[str, Any]:  # as Ollama lists a model
+            family = "nomic-bert" if "embed" in m else "llama"
+            return {"name": m, "model": m, "modified_at": "2024-06-04T14:38:31.83753-07:00", "size": 4661224676,
+                    "digest": "sha256:365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1",
+                    "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+                                "parameter_size": "8.0B", "quantization_level": "Q4_0"}}
+        return web.json_response({"models": [entry(m) for m in self.models]})
 
     async def _embed(self, request: web.Request) -> web.Response:
         body = await request.json()

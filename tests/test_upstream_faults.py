@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -416,6 +417,16 @@ def test_ollama_upstream_through_openai_dialect(server: Server, fakes: Fakes) ->
     assert sent["options"]["num_predict"] == 9 and sent["options"]["seed"] == 3 and "logit_bias" not in sent
     emb = c.embeddings.create(model="nomic-embed", input="a")
     assert len(emb.data[0].embedding) == 8
+
+
+def test_an_ollama_upstream_models_are_described_as_it_lists_them(server: Server) -> None:
+    cl = ollama.Client(host=server.url, timeout=30)
+    shown = cl.show("llamita:8b@olla").details
+    assert shown is not None and (shown.family, shown.parameter_size, shown.quantization_level, shown.format) \
+        == ("llama", "8.0B", "Q4_0", "gguf")
+    listed = {m.model: m for m in cl.list().models}["llamita:8b"]
+    assert listed.size == 4661224676 and listed.digest and listed.digest.startswith("365c0bd3")
+    assert listed.modified_at is not None and listed.modified_at.year == 2024
 
 
 def test_embedding_alias_dimension_is_checked_on_first_use(server: Server) -> None:

@@ -150,7 +150,7 @@ class UpstreamEngine:
         """Public id: cloud models always carry `@upstream` so they never shadow local ones."""
         return f"{upstream_name}@{self.name}" if self.cloud else upstream_name
 
-    def _set_models(self, models: list[UpstreamModel]) -> None:
+    def _set_models(self, models: list[UpstreamModel], facts: dict[str, dict[str, Any]] | None = None) -> None:
         table: dict[str, ModelInfo] = {}
         for m in models:
             caps = ["embedding"] if m.embedding else ["completion", "tools"]  # tools pass through
@@ -160,7 +160,8 @@ class UpstreamEngine:
                 metadata={"upstream": self.name, "upstream_model": m.name, "cloud": self.cloud,
                           "kind": self.cfg.kind},
             )
-            for key, value in self._file_facts.items():  # a managed child's GGUF describes its model
+            # what the upstream's list, or a managed child's GGUF, says of the model (for /api/show, tags)
+            for key, value in {**(facts or {}).get(m.name, {}), **self._file_facts}.items():
                 setattr(info, key, {**value, **info.metadata} if key == "metadata" else value)
             old = self._models.get(info.id)
             if old is not None and old.embedding_dimension and not info.embedding_dimension:
@@ -172,7 +173,8 @@ class UpstreamEngine:
         """Ask a replica for its model list (keeps the old list on failure)."""
         path = self.wire.models_path
         try:
-            listed = self.wire.model_list(await self._get_json(path))
+            data = await self._get_json(path)
+            listed, facts = self.wire.model_list(data), self.wire.model_facts(data)
         except (HearthError, AttributeError, TypeError, ValueError, *RETRYABLE) as exc:
             reason = exc.message if isinstance(exc, HearthError) else describe(exc)
             if reason != self.discovery_error:  # once per outage, not every retry
@@ -181,7 +183,7 @@ class UpstreamEngine:
             return
         before = set(self._models)
         self.discovery_error = None
-        self._set_models(listed)
+        self._set_models(listed, facts)
         if set(self._models) != before:
             log.info("upstream %s serves %d models", self.name, len(self._models))
 

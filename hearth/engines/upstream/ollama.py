@@ -7,6 +7,7 @@ Pure wire code: request bodies from core types, NDJSON lines to text, usage
 from __future__ import annotations
 
 import base64
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
@@ -148,6 +149,25 @@ class OllamaWire:
             models.append(UpstreamModel(name=name, embedding=embedding))
         return models
 
+    def model_facts(self, data: Any) -> dict[str, dict[str, Any]]:
+        """ModelInfo fields by model name, from `/api/tags`: what Ollama clients show of a model."""
+        facts: dict[str, dict[str, Any]] = {}
+        for item in data.get("models") or []:
+            name = item.get("name") or item.get("model")
+            details = item.get("details") or {}
+            if not name or not isinstance(details, dict):
+                continue
+            family = str(details.get("family") or "")
+            facts[name] = {
+                "family": family, "architecture": family,
+                "quantization": str(details.get("quantization_level") or ""),
+                "size_bytes": int(item.get("size") or 0),
+                "digest": str(item.get("digest") or "").removeprefix("sha256:"),
+                "created": _unix_time(item.get("modified_at")),
+                "metadata": {"size_label": str(details.get("parameter_size") or "")},
+            }
+        return facts
+
 
 class NDJSONParser(StreamParser):
     """Turns the JSON lines of one Ollama stream into text, tool calls, done reason and usage."""
@@ -191,3 +211,12 @@ class NDJSONParser(StreamParser):
             )
         return text
 
+
+def _unix_time(stamp: Any) -> int:
+    """An RFC 3339 time (Ollama writes nanoseconds and an offset) as Unix seconds; 0 if unreadable."""
+    if not isinstance(stamp, str):
+        return 0
+    try:
+        return int(dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0

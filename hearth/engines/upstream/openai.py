@@ -175,6 +175,11 @@ class OpenAIWire:
             models.append(UpstreamModel(name=name, context_length=int(ctx or 0), embedding="embed" in name.lower()))
         return models
 
+    def model_facts(self, data: Any) -> dict[str, dict[str, Any]]:
+        """ModelInfo fields by model name, from `/v1/models` (only its `created` time is standard)."""
+        return {str(item.get("id")): {"created": item["created"]} for item in data.get("data") or []
+                if isinstance(item, dict) and isinstance(item.get("created"), int)}
+
 
 class SSEParser(StreamParser):
     """Turns `data: {...}` lines of one stream into text, tool calls, finish reason and usage."""
