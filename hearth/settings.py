@@ -7,12 +7,14 @@ value and where it came from.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -272,9 +274,9 @@ def load_settings(
     try:
         settings = Settings(**init)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = _most_telling(exc.errors())
         loc = ".".join(str(p) for p in err["loc"])
-        raise SettingsError(f"setting {loc!r}: {err['msg']} (got {err.get('input')!r})") from None
+        raise SettingsError(f"setting {loc!r}: {err['msg']} (got {err.get('input')!r}){_did_you_mean(err)}") from None
     check_upstreams(settings)
     sources: dict[str, str] = {}
     for name in fields:
@@ -287,6 +289,45 @@ def load_settings(
         else:
             sources[name] = "default"
     return LoadedSettings(settings=settings, sources=sources, config_path=path)
+
+
+def _most_telling(errors: list[Any]) -> Any:
+    """The error to report, its location without pydantic's union tags (`models.0.UpstreamModel.nam`).
+
+    A misspelt key beats the "field required" it causes, and a table's own problem beats "should
+    be a valid string" from the other side of a `str | table` union.
+    """
+    tags = {"str", "int", "float", "bool", "UpstreamModel", "AliasEntry"}
+    errors = [{**e, "loc": tuple(p for p in e["loc"] if p not in tags)} for e in errors]
+    typos = [e for e in errors if e["type"] == "extra_forbidden" and _did_you_mean(e)]
+    tables = [e for e in errors if not str(e["type"]).endswith("_type")]
+    return (typos or tables or errors)[0]
+
+
+def _did_you_mean(err: Any) -> str:
+    """For a key no table has: the closest key that table does have (`url` -> `urls`)."""
+    if err.get("type") != "extra_forbidden" or len(err["loc"]) < 1:
+        return ""
+    model: Any = Settings
+    for part in err["loc"][:-1]:  # walk to the table that holds the unknown key
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        field = fields.get(str(part))
+        if field is not None:  # else a dict key (an upstream's name): the value type is the next table
+            model = _table_type(field.annotation)
+    known = list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _table_type(annotation: Any) -> Any:
+    """The settings table a field holds: the model itself, or the one inside a dict, list or optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _table_type(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def check_upstreams(settings: Settings) -> None:
@@ -309,6 +350,14 @@ def check_upstreams(settings: Settings) -> None:
         for url in up.urls:
             if not url.startswith(("http://", "https://")):
                 raise SettingsError(f"{where}: url {url!r} must start with http:// or https://")
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 -- raises on a port that is not a number in range
+            except ValueError as exc:
+                raise SettingsError(f"{where}: url {url!r} is not a valid URL ({exc}); "
+                                    "write it as http://host:port") from None
+            if not parts.hostname:
+                raise SettingsError(f"{where}: url {url!r} names no host; write it as http://host:port")
             if is_cloud_url(url) and not up.cloud:
                 raise SettingsError(
                     f"{where}: {url} is not on this machine or a private network, so prompts would leave "

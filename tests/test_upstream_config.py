@@ -45,6 +45,26 @@ def test_unknown_kind(tmp_path: Path) -> None:
     assert "upstreams.gpu.kind" in line and "'openai' or 'ollama'" in line and "vllm" in line
 
 
+@pytest.mark.parametrize(("table", "where", "meant"), [
+    (f'[upstreams.gpu]\nkind = "openai"\nurl = "{LOCAL}"\n', "upstreams.gpu.url", "urls"),
+    (f'[upstreams.gpu]\nkind = "openai"\nurls = ["{LOCAL}"]\ntimeouts = {{ conect = 3 }}\n',
+     "upstreams.gpu.timeouts.conect", "connect"),
+    (f'[upstreams.gpu]\nkind = "openai"\nurls = ["{LOCAL}"]\nmodels = [{{ nam = "x" }}]\n',
+     "upstreams.gpu.models.0.nam", "name"),
+    ('[upstreams.ls]\nkind = "openai"\nmodels = ["m"]\n[upstreams.ls.managed]\ncomand = ["x"]\n',
+     "upstreams.ls.managed.comand", "command"),  # not the "command: field required" it causes
+])
+def test_a_misspelt_key_names_the_key_it_resembles(tmp_path: Path, table: str, where: str, meant: str) -> None:
+    line = one_error_line(serve_with(tmp_path, table))
+    assert f"'{where}'" in line and f"did you mean '{meant}'?" in line, line
+
+
+@pytest.mark.parametrize("url", ["http://[::1:8000", "http://127.0.0.1:99999", "http://:8000"])
+def test_a_malformed_url_is_one_line(tmp_path: Path, url: str) -> None:
+    line = one_error_line(serve_with(tmp_path, f'[upstreams.gpu]\nkind = "openai"\nurls = ["{url}"]\n'))
+    assert "[upstreams.gpu]" in line and "http://host:port" in line, line
+
+
 def test_cloud_url_needs_cloud_true(tmp_path: Path) -> None:
     toml = '[upstreams.oa]\nkind = "openai"\nurls = ["https://api.openai.com"]\napi_key_env = "X"\n'
     line = one_error_line(serve_with(tmp_path, toml, env={"X": "sk-test"}))
