@@ -83,6 +83,7 @@ class FakeUpstream:
             app.router.add_post("/api/chat", self._generate)
             app.router.add_post("/api/generate", self._generate)
             app.router.add_post("/api/embed", self._embed)
+            app.router.add_post("/api/show", self._show)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -107,6 +108,18 @@ class FakeUpstream:
                     "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
                                 "parameter_size": "8.0B", "quantization_level": "Q4_0"}}
         return web.json_response({"models": [entry(m) for m in self.models]})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        name = (await request.json()).get("model")
+        if name not in self.models:
+            return web.json_response({"error": f"model '{name}' not found"}, status=404)
+        return web.json_response({  # as Ollama shows a vision model (model_info cut short)
+            "license": "LLAMA 3.2 COMMUNITY LICENSE", "modelfile": "FROM x",
+            "parameters": 'stop                           "<|eot_id|>"', "template": "{{ .Prompt }}",
+            "details": {"family": "mllama", "parameter_size": "10.7B", "quantization_level": "Q4_K_M"},
+            "model_info": {"general.architecture": "mllama", "mllama.context_length": 131072},
+            "capabilities": ["completion", "vision", "tools"],
+        })
 
     async def _embed(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -429,6 +429,16 @@ def test_an_ollama_upstream_models_are_described_as_it_lists_them(server: Server
     assert listed.modified_at is not None and listed.modified_at.year == 2024
 
 
+def test_api_show_of_an_ollama_upstream_model_says_what_the_upstream_shows(server: Server) -> None:
+    # clients such as Open WebUI offer image upload by the `vision` capability
+    shown = ollama.Client(host=server.url, timeout=30).show("llamita:8b@olla")
+    assert shown.capabilities == ["completion", "vision", "tools"]
+    assert shown.template == "{{ .Prompt }}" and shown.license == "LLAMA 3.2 COMMUNITY LICENSE"
+    assert shown.parameters and "<|eot_id|>" in shown.parameters
+    assert shown.modelinfo and shown.modelinfo["mllama.context_length"] == 131072
+    assert "shown" not in shown.modelinfo
+
+
 def test_embedding_alias_dimension_is_checked_on_first_use(server: Server) -> None:
     r = httpx.post(server.v1 + "/embeddings", json={"model": "vec", "input": "a"}, timeout=30)
     assert r.status_code == 400

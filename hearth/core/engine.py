@@ -4,6 +4,9 @@ An engine serves models. `generate` admits a request (raising a
 `HearthError` if it cannot: unknown model, prompt too long, queue full) and
 returns a `Generation`, an async iterator of `Chunk`s that ends with a chunk
 carrying `finish_reason` and `usage`. Closing the generation early cancels it.
+
+Optional: `async show(model)` fills in what an engine can learn about a
+model only on demand (an Ollama upstream's `/api/show`); /api/show calls it.
 """
 
 from __future__ import annotations

@@ -399,8 +399,9 @@ def model_info(info: ModelInfo) -> dict[str, Any]:
 
 
 def parameters_text(info: ModelInfo) -> str:
-    """Modelfile-style `parameters`: the settings hearth applies to this model."""
-    return f"num_ctx                        {info.context_length}"
+    """Modelfile-style `parameters`: the settings hearth applies (an Ollama upstream's own, as it says)."""
+    own = info.metadata.get("parameters")
+    return own if isinstance(own, str) else f"num_ctx                        {info.context_length}"
 
 
 def show_body(info: ModelInfo) -> dict[str, Any]:

@@ -192,7 +192,10 @@ async def show(request: Request) -> Response:
     wire = parse(w.ShowRequest, await read_json(request, state.settings.max_body_bytes))
     if not wire.model_name():
         raise BadRequest('field "model" is required; name the model to show', param="model")
-    _, info = await state.router.resolve(wire.model_name())
+    engine, info = await state.router.resolve(wire.model_name())
+    learn = getattr(engine, "show", None)  # an engine that learns more on demand (Ollama upstreams)
+    if learn is not None:
+        await learn(info)
     return JSONResponse(convert.show_body(info))
 
 

@@ -136,9 +136,12 @@ class UpstreamEngine:
             raise EngineUnavailable(f"upstream {self.name!r} is not started")
         return self._http
 
-    async def _get(self, url: str) -> tuple[int, bytes]:
-        """GET url: status and body."""
-        resp = await self.http.request("GET", url, headers=self._headers)
+    async def _get(self, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """GET url (POST, with a body): status and body."""
+        if body is None:
+            resp = await self.http.request("GET", url, headers=self._headers)
+        else:
+            resp = await self.http.request("POST", url, body, self._headers)
         try:
             return resp.status, await resp.read()
         finally:
@@ -250,18 +253,19 @@ class UpstreamEngine:
         if status >= 500:
             raise UpstreamError(f"health check answered HTTP {status}")
 
-    async def _get_json(self, path: str) -> Any:
-        """GET a JSON document from the first replica that answers it."""
+    async def _get_json(self, path: str, body: bytes | None = None) -> Any:
+        """GET (or POST `body` to) path on the first replica that answers it; the JSON answer."""
         tried: set[Replica] = set()
         errors: list[str] = []
+        method = "GET" if body is None else "POST"
         while (replica := self.pool.pick(tried)) is not None:
             tried.add(replica)
             try:
                 async with asyncio.timeout(self.cfg.timeouts.first_token):
-                    status, raw = await self._get(replica.url + path)
+                    status, raw = await self._get(replica.url + path, body)
                 if status == 200:
                     return orjson.loads(raw)
-                errors.append(f"{replica.url}: GET {path} answered HTTP {status}")
+                errors.append(f"{replica.url}: {method} {path} answered HTTP {status}")
             except (orjson.JSONDecodeError, *RETRYABLE) as exc:
                 errors.append(f"{replica.url}: {describe(exc)}")
         raise UpstreamError("; ".join(errors))
@@ -390,6 +394,24 @@ class UpstreamEngine:
             model.embedding_dimension = got  # only an unshortened answer tells the native size
         return EmbedResult(vectors=[_normalised(v) for v in vectors], prompt_tokens=tokens, model=model.id,
                            total_ns=time.perf_counter_ns() - t0)
+
+    async def show(self, model: ModelInfo) -> None:
+        """Fill in what an Ollama upstream's `/api/show` says of `model` (capabilities such as vision,
+        its template, parameters, GGUF keys), for hearth's own /api/show. Asked once per model list;
+        it only describes, so a failure leaves the model as it was listed.
+        """
+        if not isinstance(self.wire, OllamaWire) or model.metadata.get("shown") or self.managed is not None:
+            return
+        try:
+            data = await self._get_json("/api/show", orjson.dumps({"model": self._upstream_model(model)}))
+            facts = self.wire.show_facts(data)
+        except (HearthError, AttributeError, TypeError, ValueError, *RETRYABLE) as exc:
+            reason = exc.message if isinstance(exc, HearthError) else describe(exc)
+            log.info("upstream %s: no /api/show for %s: %s", self.name, model.id, reason)
+            return
+        model.capabilities = facts.get("capabilities", model.capabilities)
+        model.chat_template = facts.get("chat_template", model.chat_template)
+        model.metadata = {**facts["metadata"], **model.metadata, "shown": True}
 
     async def ready(self) -> bool:
         """True once started: a down upstream makes its models answer 503, not hearth."""

@@ -149,6 +149,23 @@ class OllamaWire:
             models.append(UpstreamModel(name=name, embedding=embedding))
         return models
 
+    def show_facts(self, data: Any) -> dict[str, Any]:
+        """ModelInfo fields from an `/api/show` answer: capabilities, template, parameters, GGUF keys."""
+        facts: dict[str, Any] = {}
+        caps = data.get("capabilities")
+        if isinstance(caps, list) and caps and all(isinstance(c, str) for c in caps):
+            facts["capabilities"] = caps
+        if isinstance(data.get("template"), str) and data["template"]:
+            facts["chat_template"] = data["template"]
+        info = data.get("model_info")
+        metadata: dict[str, Any] = dict(info) if isinstance(info, dict) else {}
+        if isinstance(data.get("license"), str) and data["license"]:
+            metadata["general.license"] = data["license"]
+        if isinstance(data.get("parameters"), str):
+            metadata["parameters"] = data["parameters"]  # no dot: hearth's note, not a GGUF key
+        facts["metadata"] = metadata
+        return facts
+
     def model_facts(self, data: Any) -> dict[str, dict[str, Any]]:
         """ModelInfo fields by model name, from `/api/tags`: what Ollama clients show of a model."""
         facts: dict[str, dict[str, Any]] = {}
