@@ -403,7 +403,8 @@ class UpstreamEngine:
         if not isinstance(self.wire, OllamaWire) or model.metadata.get("shown") or self.managed is not None:
             return
         try:
-            data = await self._get_json("/api/show", orjson.dumps({"model": self._upstream_model(model)}))
+            async with asyncio.timeout(self.cfg.timeouts.connect + 5):  # a description is not worth a long wait
+                data = await self._get_json("/api/show", orjson.dumps({"model": self._upstream_model(model)}))
             facts = self.wire.show_facts(data)
         except (HearthError, AttributeError, TypeError, ValueError, *RETRYABLE) as exc:
             reason = exc.message if isinstance(exc, HearthError) else describe(exc)
