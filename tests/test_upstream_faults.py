@@ -49,6 +49,12 @@ class Fakes:
     def config(self) -> str:
         dead = f"http://127.0.0.1:{free_port()}"
         return f"""
+[upstreams.cl]  # loopback, but declared cloud: treated as one (the path a real cloud API takes)
+kind = "openai"
+urls = ["{self.good.url}"]
+models = ["m"]
+cloud = true
+
 [upstreams.late]
 kind = "openai"
 urls = ["http://127.0.0.1:{self.late_port}/v1"]  # as the OpenAI SDK spells a base URL
@@ -259,6 +265,18 @@ def test_discovered_models_are_listed_when_the_upstream_comes_up_and_follow_its_
         assert chat(server, "later-model@late").status_code == 200
     finally:
         late.stop()
+
+
+def test_every_request_sent_to_a_cloud_upstream_is_recorded_without_content(server: Server) -> None:
+    assert chat(server, "m@cl").status_code == 200
+    refused = chat(server, "m@cl", messages=[{"role": "user", "content": "secret " * 400}])  # too long for it
+    assert refused.status_code == 400, refused.text
+    lines = [line for line in server.log().splitlines() if "cloud request upstream=cl" in line]
+    assert any("outcome=ok" in line and "prompt_tokens=" in line for line in lines), lines
+    assert any("outcome=error 400" in line for line in lines), lines
+    assert "secret" not in server.log()  # neither the prompt nor any of it
+    calls = httpx.get(server.url + "/admin/privacy", timeout=30).json()["cloud_calls"]
+    assert [c["requests"] for c in calls if c["engine"] == "cl"] == [2], calls
 
 
 def test_replica_answering_500_fails_over(server: Server, fakes: Fakes) -> None:

@@ -344,10 +344,12 @@ class UpstreamEngine:
             self.managed.hold(req.keep_alive)  # before the child is started: nothing stops it meanwhile
         try:
             replica, resp = await self._open(path, body, dog)
-        except BaseException:
+        except BaseException as exc:
             dog.close()
             if self.managed is not None:
                 self.managed.release()
+            if isinstance(exc, HearthError):
+                self._audit(model.id, 0, 0, f"error {exc.status}")  # refused or failed: it was still sent
             raise
         return UpstreamGeneration(self, replica, resp, req, name, dog)
 
@@ -377,6 +379,9 @@ class UpstreamEngine:
             finally:
                 resp.release()
                 self.pool.release(replica)
+        except HearthError as exc:
+            self._audit(model.id, 0, 0, f"error {exc.status}")
+            raise
         finally:
             dog.close()
             if self.managed is not None:
