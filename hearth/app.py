@@ -18,6 +18,7 @@ from hearth.api.common import JSONResponse
 from hearth.api.openai import convert as openai_convert
 from hearth.api.openai import routes as openai_routes
 from hearth.api.routing import LeanStarlette, PathRouter, direct
+from hearth.core import record
 from hearth.core.engine import Engine
 from hearth.core.errors import BadRequest, HearthError, NotFound, internal_error
 from hearth.core.router import AliasError, Router
@@ -66,7 +67,9 @@ def error_response(request: Request, err: HearthError) -> Response:
 async def on_hearth_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HearthError)
     if exc.status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        rec = record.current()
+        log.warning("%s %s -> %d [%s]: %s", request.method, request.url.path, exc.status,
+                    rec.request_id if rec else "-", exc.message)
     return error_response(request, exc)
 
 

@@ -43,6 +43,7 @@ class FakeUpstream:
         self.requests = 0
         self.cut = 0
         self.bodies: list[dict[str, Any]] = []
+        self.request_ids: list[str | None] = []  # the X-Request-Id of each generation request
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -156,6 +157,7 @@ class FakeUpstream:
         body = await request.json()
         self.requests += 1
         self.bodies.append(body)
+        self.request_ids.append(request.headers.get("X-Request-Id"))
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.mode == "error500":

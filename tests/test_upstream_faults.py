@@ -338,6 +338,29 @@ def test_prompt_too_long_for_an_upstream_is_context_length_exceeded(server: Serv
     assert r.status_code == 200, r.text
 
 
+def test_each_request_has_an_id_in_its_answer_its_log_line_and_upstream(server: Server, fakes: Fakes) -> None:
+    raw = client(server).chat.completions.with_raw_response.create(
+        model="m@good", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    own = raw.headers["x-request-id"]
+    assert own.startswith("req_") and fakes.good.request_ids[-1] == own
+    again = chat(server, "m@good").headers["x-request-id"]
+    assert again != own and again.startswith("req_")
+    # a client's own id (a trace id) is kept end to end; an unusable one is replaced
+    r = httpx.post(server.v1 + "/chat/completions", headers={"X-Request-Id": "trace-7f3a"}, timeout=30,
+                   json={"model": "m@good", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.headers["x-request-id"] == "trace-7f3a" and fakes.good.request_ids[-1] == "trace-7f3a"
+    r = httpx.post(server.v1 + "/chat/completions", headers={"X-Request-Id": "x" * 200}, timeout=30,
+                   json={"model": "m@good", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.headers["x-request-id"].startswith("req_")
+    # an error carries it too, and the log line of a 5xx names it: a user's report finds the line
+    with pytest.raises(openai.APIStatusError) as err:
+        client(server).chat.completions.create(model="m@down", messages=[{"role": "user", "content": "hi"}])
+    rid = err.value.request_id
+    assert rid and rid.startswith("req_")
+    assert any(f"[{rid}]" in line and "'down'" in line for line in server.log().splitlines()), rid
+    assert httpx.post(server.url + "/api/chat", json={"model": "nope"}, timeout=30).headers["x-request-id"]
+
+
 def test_down_upstream_is_503_naming_it(server: Server) -> None:
     for model in ("m@down", "m@down2"):
         r = chat(server, model)

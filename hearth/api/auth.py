@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from itertools import chain
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,9 @@ MISSING_KEY = ("this server needs an API key: send `Authorization: Bearer hk-...
                "an admin creates one with `hearth keys create NAME`")
 INVALID_KEY = ("the API key is not valid (unknown, revoked or expired); check it, or ask an admin for a new one "
                "(`hearth keys list` shows which keys exist)")
+
+
+REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # a client's X-Request-Id: visible ASCII, bounded
 
 
 def scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int, str | None]:
@@ -143,8 +148,18 @@ class Security:
         self.cloud_engines = frozenset(n for n, up in (getattr(settings, "upstreams", None) or {}).items()
                                        if getattr(up, "cloud", False))
         self._keys_on = False
+        self._ids = count(1)
+        self._id_prefix = "req_" + os.urandom(6).hex()  # one random per server, a counter per request
         self._path_facts: dict[str, tuple[str, str, bool]] = {}
         self._touched: dict[int, float] = {}
+
+    def request_id(self, headers: list[tuple[bytes, bytes]]) -> str:
+        """The client's X-Request-Id if it sent a usable one (to follow a request across servers),
+        else a new one."""
+        for name, value in headers:
+            if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     def keys_on(self) -> bool:
         """True once any key exists (the CLI may add one while the server runs; a stat tells)."""
@@ -356,6 +371,8 @@ class Exchange:
         if kind == "http.response.start":
             self.rec.status = message["status"]
             self._start_idle(message)
+            message = {**message, "headers": [*message.get("headers", ()),
+                                              (b"x-request-id", self.rec.request_id.encode())]}
         elif kind == "http.response.body":
             if not message.get("more_body", False):
                 self.finish()  # stops the idle bound too
@@ -446,6 +463,7 @@ class SecurityMiddleware:
         sec = self.security
         label, dialect, is_open = sec.path_facts(scope)
         rec, token = open_record(label, dialect)
+        rec.request_id = sec.request_id(scope["headers"])
         exchange = Exchange(sec, scope, send, rec)
         try:
             await self._serve(scope, receive, exchange, is_open)

@@ -23,6 +23,7 @@ class RequestRecord:
 
     route: str = ""
     dialect: str = ""
+    request_id: str = ""  # X-Request-Id: the client's, or hearth's own; in logs and sent upstream
     key_name: str | None = None
     model: str | None = None
     engine: str | None = None

@@ -274,13 +274,15 @@ class UpstreamEngine:
         """POST to the least busy replica; fail over while nothing has been received."""
         tried: set[Replica] = set()
         errors: list[str] = []
+        rec = record.current()  # its id goes along: vLLM takes it as its own request id, logs can be joined
+        tag = b"X-Request-Id: %s\r\n" % rec.request_id.encode() if rec is not None and rec.request_id else b""
         while (replica := self.pool.pick(tried)) is not None:
             tried.add(replica)
             self.pool.acquire(replica)
             try:
                 base = replica.url if self.managed is None else await self._base_url(replica)
                 resp = await dog.within(dog.now() + self.cfg.timeouts.first_token,
-                                        self.http.request("POST", base + path, body, self._headers))
+                                        self.http.request("POST", base + path, body, self._headers, tag))
             except RETRYABLE as exc:
                 self.pool.release(replica)
                 reason = "no answer within timeouts.first_token" if isinstance(exc, TimeoutError) else describe(exc)

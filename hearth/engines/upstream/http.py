@@ -306,13 +306,16 @@ class Pool:
         return None
 
     async def request(self, method: str, url: str, body: bytes = b"",
-                      headers: Mapping[str, str] | None = None) -> Response:
-        """Send a request and read the response head (the body is read from the Response)."""
+                      headers: Mapping[str, str] | None = None, extra: bytes = b"") -> Response:
+        """Send a request and read the response head (the body is read from the Response).
+
+        `extra` is header lines of this request alone (`Name: value\\r\\n`), after the cached ones.
+        """
         origin, start = self._head_start(method, url, headers)
         if body or method in ("POST", "PUT", "PATCH"):
-            payload = b"%sContent-Length: %d\r\n\r\n%s" % (start, len(body), body)
+            payload = b"%s%sContent-Length: %d\r\n\r\n%s" % (start, extra, len(body), body)
         else:
-            payload = start + b"\r\n"
+            payload = start + extra + b"\r\n"
         conn = self._take(origin)
         if conn is not None:
             try:
