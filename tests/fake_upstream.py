@@ -85,6 +85,7 @@ class FakeUpstream:
             app.router.add_post("/api/generate", self._generate)
             app.router.add_post("/api/embed", self._embed)
             app.router.add_post("/api/show", self._show)
+            app.router.add_get("/api/ps", self._ps)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -109,6 +110,12 @@ class FakeUpstream:
                     "details": {"parent_model": "", "format": "gguf", "family": family, "families": [family],
                                 "parameter_size": "8.0B", "quantization_level": "Q4_0"}}
         return web.json_response({"models": [entry(m) for m in self.models]})
+
+    async def _ps(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [{  # as Ollama shows its first model, loaded
+            "name": self.models[0], "model": self.models[0], "size": 6654289920, "size_vram": 0,
+            "digest": "365c0bd3", "details": {"family": "llama"}, "context_length": 8192,
+            "expires_at": "2030-01-02T03:04:05.123456789+01:00"}]})
 
     async def _show(self, request: web.Request) -> web.Response:
         name = (await request.json()).get("model")

@@ -7,6 +7,8 @@ small fake servers on 127.0.0.1 (tests/fake_upstream.py).
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -478,6 +480,16 @@ def test_api_show_of_an_ollama_upstream_model_says_what_the_upstream_shows(serve
     assert shown.parameters and "<|eot_id|>" in shown.parameters
     assert shown.modelinfo and shown.modelinfo["mllama.context_length"] == 131072
     assert "shown" not in shown.modelinfo
+
+
+def test_api_ps_shows_what_an_ollama_upstream_holds(server: Server) -> None:
+    ps = {m["name"]: m for m in httpx.get(server.url + "/api/ps", timeout=30).json()["models"]}
+    assert ps["llamita:8b"]["context_length"] == 8192 and ps["llamita:8b"]["size"] == 6654289920
+    assert ps["llamita:8b"]["expires_at"].startswith("2030-01-02T02:04:05")  # in UTC
+    assert "nomic-embed:latest" not in ps  # listed by the upstream, but not in its memory
+    out = subprocess.run([sys.executable, "-m", "hearth", "ps", "--url", server.url],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "llamita:8b" in out.stdout and "8192" in out.stdout, out.stdout + out.stderr
 
 
 def test_embedding_alias_dimension_is_checked_on_first_use(server: Server) -> None:

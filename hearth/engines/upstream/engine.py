@@ -426,12 +426,33 @@ class UpstreamEngine:
         return self._http is not None
 
     async def loaded(self) -> list[LoadedModel]:
-        """A managed child that is running shows its models (for /api/ps and `hearth ps`)."""
+        """What is in memory (for /api/ps and `hearth ps`): a running managed child's models, or
+        what an Ollama upstream's replicas say they hold."""
         m = self.managed
+        if m is None and isinstance(self.wire, OllamaWire):
+            return await self._ollama_running(self.wire)
         if m is None or not m.running:
             return []
         return [LoadedModel(info.id, info.size_bytes, info.context_length, m.expires_at())  # size: of its GGUF
                 for info in self._models.values()]
+
+    async def _ollama_running(self, wire: OllamaWire) -> list[LoadedModel]:
+        """Each replica's `/api/ps`, asked at once and briefly (a listing must not wait on a dead box)."""
+        async def one(url: str) -> list[tuple[str, int, int, float]]:
+            try:
+                async with asyncio.timeout(min(self.cfg.timeouts.connect, 2.0)):
+                    status, raw = await self._get(url + "/api/ps")
+                return wire.running(orjson.loads(raw)) if status == 200 else []
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, *RETRYABLE):
+                return []  # a replica that does not answer holds nothing we can show
+
+        seen: dict[str, LoadedModel] = {}
+        for listed in await asyncio.gather(*(one(r.url) for r in self.pool.replicas)):
+            for name, size, ctx, expires in listed:
+                model_id = self._model_id(name)
+                if model_id in self._models:
+                    seen.setdefault(model_id, LoadedModel(model_id, size, ctx, expires or None))
+        return list(seen.values())
 
     async def load(self, model: ModelInfo, keep_alive: float | None) -> float:
         """Start a managed child now; other upstreams load on their own."""

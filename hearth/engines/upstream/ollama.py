@@ -166,6 +166,16 @@ class OllamaWire:
         facts["metadata"] = metadata
         return facts
 
+    def running(self, data: Any) -> list[tuple[str, int, int, float]]:
+        """(name, size, context length, expiry as Unix time) of each model an `/api/ps` answer lists."""
+        out = []
+        for item in data.get("models") or []:
+            name = item.get("name") or item.get("model")
+            if isinstance(name, str) and name:
+                out.append((name, int(item.get("size") or 0), int(item.get("context_length") or 0),
+                            float(_unix_time(item.get("expires_at")))))
+        return out
+
     def model_facts(self, data: Any) -> dict[str, dict[str, Any]]:
         """ModelInfo fields by model name, from `/api/tags`: what Ollama clients show of a model."""
         facts: dict[str, dict[str, Any]] = {}
