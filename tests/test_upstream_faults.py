@@ -7,6 +7,7 @@ small fake servers on 127.0.0.1 (tests/fake_upstream.py).
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import subprocess
 import sys
 import time
@@ -370,8 +371,14 @@ def test_down_upstream_is_503_naming_it(server: Server) -> None:
         assert ("'down'" if model == "m@down" else "'down2'") in r.json()["error"]["message"]
 
 
+def failures_counted(server: Server) -> float:
+    """hearth_requests_total of chat requests that ended in a 502, from /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return sum(float(n) for n in re.findall(r'hearth_requests_total\{[^}]*status="502"[^}]*\} (\S+)', text))
+
+
 def test_stream_that_dies_ends_in_a_clean_error_and_is_not_retried(server: Server, fakes: Fakes) -> None:
-    before = fakes.die.requests
+    before, failed = fakes.die.requests, failures_counted(server)
     stream = client(server).chat.completions.create(
         model="m@dies", messages=[{"role": "user", "content": "hi"}], stream=True)
     texts = []
@@ -381,6 +388,9 @@ def test_stream_that_dies_ends_in_a_clean_error_and_is_not_retried(server: Serve
     assert "dies" in str(info.value) and "incomplete" in str(info.value)
     assert "".join(texts) == "Hello from"
     assert fakes.die.requests - before == 1
+    rid = stream.response.headers["x-request-id"]  # the log and the metrics count it a failure, not a 200
+    assert any(f"stream ended with 502 [{rid}]" in line for line in server.log().splitlines()), rid
+    assert failures_counted(server) == failed + 1
     r = chat(server, "m@dies")
     assert r.status_code == 502 and "dies" in r.json()["error"]["message"]
 

@@ -13,12 +13,24 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from hearth.core.errors import BadRequest, EngineUnavailable, PayloadTooLarge
+from hearth.core import record
+from hearth.core.errors import BadRequest, EngineUnavailable, HearthError, PayloadTooLarge
 from hearth.core.types import TokenLogprob
 
 log = logging.getLogger("hearth.api")
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+
+
+def stream_failed(err: HearthError) -> None:
+    """A response that had started ends in `err` (an error event): its usage row counts the
+    failure, and a server-side one is logged with the request id, as a 5xx before the start is."""
+    rec = record.current()
+    if rec is not None:
+        rec.status = err.status
+    if err.status >= 500:
+        log.warning("%s stream ended with %d [%s]: %s", rec.route if rec else "-", err.status,
+                    rec.request_id if rec else "-", err.message)
 
 
 class JSONResponse(Response):

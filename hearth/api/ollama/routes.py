@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from hearth import __version__
 from hearth.api.auth import visible_models
-from hearth.api.common import JSONResponse, LastPiece, Stream, parse, read_json, until_disconnect
+from hearth.api.common import JSONResponse, LastPiece, Stream, parse, read_json, stream_failed, until_disconnect
 from hearth.api.ollama import convert
 from hearth.api.ollama import schemas as w
 from hearth.core import serving
@@ -136,6 +136,7 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
         yield LastPiece(ndjson(convert.final_body(kind, name, _created_at(), "", finish, usage,
                                                   time.perf_counter_ns() - t0)))
     except HearthError as err:
+        stream_failed(err)
         yield ndjson(convert.error_body(err.message))
     except Exception as exc:  # the status line is gone: the error must travel in the stream
         log.exception("unexpected error in an Ollama stream")

@@ -20,6 +20,7 @@ from hearth.api.common import (
     merge,
     parse,
     read_json,
+    stream_failed,
     until_disconnect,
 )
 from hearth.api.openai import convert
@@ -39,6 +40,7 @@ def sse(obj: Any) -> bytes:
 
 def sse_error(err: HearthError) -> bytes:
     """An error event in OpenAI's envelope (the SDK raises on it)."""
+    stream_failed(err)
     return sse(convert.error_body(err))
 
 
