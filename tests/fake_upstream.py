@@ -3,7 +3,7 @@
 `FakeUpstream(kind="openai"|"ollama", mode=...)` runs an aiohttp server in a
 thread. Modes: ok, error500, die (breaks the stream after two pieces),
 stall (never answers), stall_mid (one piece, then silence until the client
-hangs up, counted in `cut`), badjson (structured
+hangs up, counted in `cut`), endless_line (one SSE line of 20 MB that never ends), badjson (structured
 output that fails the schema), noembed (embeddings answer 501, as llama-server
 without `--embeddings` and Ollama for a chat-only model do), tools (a request with `tools` gets the calls
 in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
@@ -17,6 +17,7 @@ generation calls; `bodies` keeps the JSON bodies received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from typing import Any
@@ -171,6 +172,14 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "internal boom"}}, status=500)
         if self.mode == "stall":
             await asyncio.sleep(3600)
+        if self.mode == "endless_line":  # a broken server: one line that never ends
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'data: {"choices": [{"delta": {"content": "')
+            with contextlib.suppress(ConnectionError):
+                for _ in range(200):  # 20 MB, unless hearth hangs up first
+                    await resp.write(b"x" * 100_000)
+            return resp
         if len(json.dumps(body.get("messages") or body.get("prompt") or "")) > CONTEXT:
             return self._context_full()
         if self.kind == "openai" and '"image_url"' in json.dumps(body.get("messages") or []):

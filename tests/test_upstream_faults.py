@@ -38,6 +38,7 @@ class Fakes:
         self.die = FakeUpstream(mode="die").start()
         self.stall = FakeUpstream(mode="stall").start()
         self.stall_mid = FakeUpstream(mode="stall_mid").start()
+        self.endless = FakeUpstream(mode="endless_line").start()
         self.bad = FakeUpstream(mode="badjson").start()
         self.slow1 = FakeUpstream(delay=0.4).start()
         self.slow2 = FakeUpstream(delay=0.4).start()
@@ -46,8 +47,8 @@ class Fakes:
         self.noembed2 = FakeUpstream(mode="noembed").start()
         self.olla_noembed = FakeUpstream(kind="ollama", mode="noembed", models=("chatty:1b",)).start()
         self.all = [self.good, self.good2, self.err500, self.good3, self.only500, self.die, self.stall,
-                    self.stall_mid, self.bad, self.slow1, self.slow2, self.olla, self.noembed1, self.noembed2,
-                    self.olla_noembed]
+                    self.stall_mid, self.endless, self.bad, self.slow1, self.slow2, self.olla, self.noembed1,
+                    self.noembed2, self.olla_noembed]
 
     def config(self) -> str:
         dead = f"http://127.0.0.1:{free_port()}"
@@ -57,6 +58,11 @@ kind = "openai"
 urls = ["{self.good.url}"]
 models = ["m"]
 cloud = true
+
+[upstreams.endless]
+kind = "openai"
+urls = ["{self.endless.url}"]
+models = ["m"]
 
 [upstreams.late]
 kind = "openai"
@@ -393,6 +399,15 @@ def test_stream_that_dies_ends_in_a_clean_error_and_is_not_retried(server: Serve
     assert failures_counted(server) == failed + 1
     r = chat(server, "m@dies")
     assert r.status_code == 502 and "dies" in r.json()["error"]["message"]
+
+
+def test_a_line_that_never_ends_is_cut_at_8_mb(server: Server) -> None:
+    # a broken upstream must not make hearth hold (and re-join) an ever longer line
+    t0 = time.monotonic()
+    r = chat(server, "m@endless")
+    assert r.status_code == 502 and "longer than 8 MB" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - t0 < 10
+    assert chat(server, "m@good").status_code == 200
 
 
 def test_stall_before_first_token_times_out(server: Server) -> None:

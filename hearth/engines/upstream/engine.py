@@ -55,6 +55,7 @@ RETRYABLE = (OSError, EOFError, TimeoutError)  # HTTPProtocolError is a Connecti
 CONTEXT_FULL = re.compile(r"context (length|size|window)|maximum context", re.IGNORECASE)
 # a 5xx that says the server cannot do what was asked (llama-server answers an image to a model
 # without a projector with 500 "image input is not supported"): a fact about the request, not a fault
+MAX_EVENT = 8 << 20  # bytes of one streamed line (token events are tiny; Ollama's last may hold a context)
 NOT_SUPPORTED = re.compile(r"\bnot supported\b|\bdoes not support\b", re.IGNORECASE)
 
 
@@ -620,6 +621,8 @@ class UpstreamGeneration:
                     raise self._broken("closed the stream before finishing")
             lines = (self._rest + data).split(b"\n")
             self._rest = lines.pop()
+            if len(self._rest) > MAX_EVENT:  # a broken upstream: bound the memory and the re-joining
+                raise self._broken(f"sent a line longer than {MAX_EVENT >> 20} MB without an end")
             try:
                 text = parser.feed(lines)
             except UpstreamError as exc:
