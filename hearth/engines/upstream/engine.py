@@ -99,6 +99,7 @@ class UpstreamEngine:
         self._models: dict[str, ModelInfo] = {}
         self._declared = [m if isinstance(m, UpstreamModel) else UpstreamModel(name=m) for m in cfg.models]
         self._refresher: asyncio.Future[None] | None = None  # re-lists discovered models
+        self._listed_at = 0.0  # time.monotonic() of the last model-list request
         self._sized_at = 0.0  # start time of the managed child whose context sizes were read
         self._file_facts: dict[str, Any] = {}  # ModelInfo fields from a managed child's GGUF file
         self._http: Pool | None = None
@@ -114,7 +115,8 @@ class UpstreamEngine:
         self._set_models(self._declared)
         if not self._declared:
             await self._discover()
-            self._refresher = asyncio.ensure_future(self._refresh_loop())
+            if not self.cloud:  # nothing goes to a cloud in the background: it is re-listed on demand
+                self._refresher = asyncio.ensure_future(self._refresh_loop())
         if self.managed is None and not self.cloud:
             self.pool.start_health_checks(self._probe_replica, self.cfg.health_interval)
 
@@ -175,6 +177,7 @@ class UpstreamEngine:
 
     async def _discover(self) -> None:
         """Ask a replica for its model list (keeps the old list on failure)."""
+        self._listed_at = time.monotonic()
         path = self.wire.models_path
         try:
             data = await self._get_json(path)
@@ -198,7 +201,12 @@ class UpstreamEngine:
             await self._discover()
 
     async def list_models(self) -> list[ModelInfo]:
-        """Declared models, or the last discovered ones (kept fresh by a background task)."""
+        """Declared models, or the last discovered ones: kept fresh by a background task, or for a
+        cloud upstream re-listed here when stale (a client's listing, never hearth on its own)."""
+        if self.cloud and not self._declared:
+            age = time.monotonic() - self._listed_at
+            if age > self.cfg.refresh or (self.discovery_error and age > 5.0):
+                await self._discover()
         return list(self._models.values())
 
     def _upstream_model(self, model: ModelInfo) -> str:
