@@ -43,6 +43,7 @@ class FakeUpstream:
         self.dimension = dimension
         self.requests = 0
         self.cut = 0
+        self.stalled = 0  # stall_mid requests still waiting for the client to hang up
         self.bodies: list[dict[str, Any]] = []
         self.request_ids: list[str | None] = []  # the X-Request-Id of each generation request
         self._loop = asyncio.new_event_loop()
@@ -206,9 +207,11 @@ class FakeUpstream:
                 request.transport.abort()
                 return resp
             if self.mode == "stall_mid" and i == 1:
+                self.stalled += 1
                 while request.transport is not None and not request.transport.is_closing():
                     await asyncio.sleep(0.02)
                 self.cut += 1  # the client (hearth) hung up
+                self.stalled -= 1
                 return resp
             await resp.write(self._piece(piece, chat, self._wants_logprobs(body)))
         finish = "stop" if (body.get("response_format") or body.get("format")) else "length"
