@@ -7,6 +7,8 @@ small fake servers on 127.0.0.1 (tests/fake_upstream.py).
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
 import re
 import subprocess
 import sys
@@ -237,8 +239,17 @@ def test_refused_replica_fails_over_and_is_ejected(server: Server, fakes: Fakes)
     assert "ejected" in server.log()
 
 
+def replica_up(server: Server, upstream: str) -> dict[str, float]:
+    """hearth_upstream_replica_up of each replica of `upstream`, from /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    pattern = r'hearth_upstream_replica_up\{engine="%s",replica="([^"]+)"\} (\S+)' % upstream
+    return {url: float(v) for url, v in re.findall(pattern, text)}
+
+
 def test_recovered_replica_is_readmitted(server: Server, fakes: Fakes) -> None:
     assert chat(server, "m@mixed").status_code == 200  # the dead replica is ejected by now
+    flaky = f"http://127.0.0.1:{fakes.flaky_port}"
+    assert replica_up(server, "mixed") == {flaky: 0.0, fakes.good2.url: 1.0}  # what an operator's alert sees
     revived = FakeUpstream(port=fakes.flaky_port).start()
     try:
         time.sleep(1.0)  # health checks every 0.3 s
@@ -246,6 +257,7 @@ def test_recovered_replica_is_readmitted(server: Server, fakes: Fakes) -> None:
             assert chat(server, "m@mixed").status_code == 200
         assert revived.requests >= 2, "a recovered replica must get traffic again"
         assert "re-admitted" in server.log()
+        assert replica_up(server, "mixed") == {flaky: 1.0, fakes.good2.url: 1.0}
     finally:
         revived.stop()
 
@@ -381,6 +393,24 @@ def failures_counted(server: Server) -> float:
     """hearth_requests_total of chat requests that ended in a 502, from /metrics."""
     text = httpx.get(server.url + "/metrics", timeout=30).text
     return sum(float(n) for n in re.findall(r'hearth_requests_total\{[^}]*status="502"[^}]*\} (\S+)', text))
+
+
+def test_hearth_upstreams_shows_each_replica_its_state_and_last_error(server: Server, fakes: Fakes) -> None:
+    assert chat(server, "m@down2").status_code == 503  # its one replica is ejected now
+    assert chat(server, "m@good").status_code == 200
+    cli = [sys.executable, "-m", "hearth", "upstreams", "--url", server.url]
+    data = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30, check=True).stdout)
+    ups = {u["name"]: u for u in data["upstreams"]}
+    assert ups["olla"]["kind"] == "ollama" and "llamita:8b" in ups["olla"]["models"]
+    assert ups["cl"]["cloud"] is True and ups["good"]["replicas"][0]["served"] >= 1
+    (down,) = ups["down2"]["replicas"]
+    assert down["healthy"] is False and "refused" in down["last_error"].lower(), down
+    wide = {**os.environ, "COLUMNS": "300"}  # a table is cut at the terminal's width
+    table = subprocess.run(cli, capture_output=True, text=True, timeout=30, check=True, env=wide).stdout.splitlines()
+    assert table[0].split()[:4] == ["UPSTREAM", "KIND", "REPLICA", "STATE"]
+    row = next(line for line in table if line.startswith("down2 "))
+    assert "ejected" in row and "refused" in row.lower(), row
+    assert "healthy" in next(line for line in table if line.startswith("good "))
 
 
 def test_stream_that_dies_ends_in_a_clean_error_and_is_not_retried(server: Server, fakes: Fakes) -> None:

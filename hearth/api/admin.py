@@ -6,6 +6,7 @@
     POST   /admin/keys/{name}/revoke     revoke (also DELETE /admin/keys/{name})
     GET    /admin/usage?by=key&since=7d  usage totals
     GET    /admin/privacy                outbound hosts, cloud keys, recorded cloud calls
+    GET    /admin/upstreams              upstreams: models, replicas' health, load, last error
     GET    /metrics                      Prometheus
 """
 
@@ -113,6 +114,12 @@ async def privacy(request: Request) -> Response:
     return JSONResponse(build_report(sec.settings, sec.keys, sec.usage, _since(request, sec.clock)))
 
 
+async def upstreams(request: Request) -> Response:
+    """Each upstream: kind, models, and its replicas' health, load and last error."""
+    engines = request.app.state.hearth.engines
+    return JSONResponse({"upstreams": [e.status() for e in engines if hasattr(e, "status")]})
+
+
 def routes() -> list[Route]:
     """The admin routes and /metrics."""
     return [
@@ -123,5 +130,6 @@ def routes() -> list[Route]:
         Route("/admin/keys/{name}", revoke_key, methods=["DELETE"]),
         Route("/admin/usage", usage, methods=["GET"]),
         Route("/admin/privacy", privacy, methods=["GET"]),
+        Route("/admin/upstreams", upstreams, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]

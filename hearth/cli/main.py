@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     from hearth.cli import ps as ps_cli
+    from hearth.cli import upstreams as upstreams_cli
 
     ps_cli.register(sub, add_common)
+    upstreams_cli.register(sub, add_common)
 
     from hearth.cli import hw as hw_cli
     from hearth.cli import models as models_cli

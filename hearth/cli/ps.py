@@ -21,16 +21,16 @@ def server_url(settings: Settings, flag: str | None) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def fetch_ps(url: str, api_key: str | None) -> dict[str, Any]:
-    """GET /api/ps; raises RuntimeError with a readable message."""
-    req = urllib.request.Request(url + "/api/ps")
+def fetch_json(url: str, path: str, api_key: str | None) -> dict[str, Any]:
+    """GET path of the running server; raises RuntimeError with a readable message."""
+    req = urllib.request.Request(url + path)
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{url}/api/ps answered HTTP {exc.code}: {exc.read()[:200].decode(errors='replace')}") from None
+        raise RuntimeError(f"{url}{path} answered HTTP {exc.code}: {exc.read()[:200].decode(errors='replace')}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RuntimeError(f"cannot reach hearth at {url} ({reason}); is `hearth serve` running?") from None
@@ -68,7 +68,7 @@ def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
 
     url = server_url(settings, args.url)
     try:
-        data = fetch_ps(url, args.api_key or os.environ.get("HEARTH_API_KEY"))
+        data = fetch_json(url, "/api/ps", args.api_key or os.environ.get("HEARTH_API_KEY"))
     except RuntimeError as exc:
         from hearth.cli.main import fail
 

@@ -430,6 +430,22 @@ class UpstreamEngine:
         model.chat_template = facts.get("chat_template", model.chat_template)
         model.metadata = {**facts["metadata"], **model.metadata, "shown": True}
 
+    def stats(self) -> dict[str, Any]:
+        """For /metrics: requests in flight, and each replica's health (a managed child: running)."""
+        replicas = self.pool.replicas
+        running = self.managed.running if self.managed is not None else None
+        return {
+            "active_sequences": sum(r.outstanding for r in replicas),
+            "replicas": [{"url": r.url, "healthy": r.healthy if running is None else running,
+                          "outstanding": r.outstanding, "served": r.served, "last_error": r.last_error}
+                         for r in replicas],
+        }
+
+    def status(self) -> dict[str, Any]:
+        """For `/admin/upstreams` and `hearth upstreams`: what it is, what it serves, how its replicas are."""
+        return {"name": self.name, "kind": self.cfg.kind, "cloud": self.cloud, "managed": self.managed is not None,
+                "models": sorted(self._models), "discovery_error": self.discovery_error, **self.stats()}
+
     async def ready(self) -> bool:
         """True once started: a down upstream makes its models answer 503, not hearth."""
         return self._http is not None
