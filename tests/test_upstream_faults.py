@@ -556,6 +556,16 @@ def test_api_ps_shows_what_an_ollama_upstream_holds(server: Server) -> None:
     assert out.returncode == 0 and "llamita:8b" in out.stdout and "8192" in out.stdout, out.stdout + out.stderr
 
 
+def test_pull_copy_delete_of_an_upstream_model_say_whose_it_is(server: Server) -> None:
+    cl = ollama.Client(host=server.url, timeout=30)
+    for call, verb in ((lambda: cl.delete("llamita:8b"), "deletes"), (lambda: cl.copy("m", "m2"), "copies"),
+                       (lambda: cl.pull("llamita:8b", stream=False), "pulls")):
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 400 and "served by upstream" in str(err.value) and verb in str(err.value)
+    assert "llamita:8b" in {m.model for m in cl.list().models}  # nothing happened to it
+
+
 def test_embedding_alias_dimension_is_checked_on_first_use(server: Server) -> None:
     r = httpx.post(server.v1 + "/embeddings", json={"model": "vec", "input": "a"}, timeout=30)
     assert r.status_code == 400

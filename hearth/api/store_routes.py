@@ -50,6 +50,19 @@ def _name(data: dict[str, Any], *keys: str) -> str:
     raise BadRequest(f"field {keys[0]!r} is required: the model name", param=keys[0])
 
 
+async def _refuse_upstream(request: Request, name: str, does: str, do: str) -> None:
+    """A 400 when `name` is a model an upstream serves (not one of hearth's own store): hearth does
+    not manage other servers' models, and "not in the store" would read as "does not exist"."""
+    try:
+        _, info = await request.app.state.hearth.router.resolve(name)
+    except HearthError:
+        return  # unknown anywhere: the store's own answer names what it has
+    upstream = info.metadata.get("upstream")
+    if upstream:
+        raise BadRequest(f"model {name!r} is served by upstream {upstream!r}; hearth {does} only models "
+                         f"of its own store, so {do} it on that server")
+
+
 async def rescan(request: Request) -> None:
     """Let the engines and the router see the store's new contents."""
     state = request.app.state.hearth
@@ -104,6 +117,7 @@ async def pull(request: Request) -> Response:
     """Ollama `POST /api/pull` (and `/admin/models/pull`, which also takes `name` and `sha256`)."""
     data = await _body(request)
     spec = _name(data, "model", "name")
+    await _refuse_upstream(request, spec, "pulls", "pull")
     name = data.get("as") if isinstance(data.get("as"), str) else None
     sha = data.get("sha256") if isinstance(data.get("sha256"), str) else None
     events = _pull_events(request, spec, name, sha)
@@ -129,6 +143,7 @@ async def delete(request: Request) -> Response:
     """Ollama `DELETE /api/delete`: refuses loaded models and alias targets (admin route takes force)."""
     data = await _body(request)
     name = _name(data, "model", "name")
+    await _refuse_upstream(request, name, "deletes", "delete")
     force = bool(data.get("force")) and request.url.path.startswith("/admin/")
     state = request.app.state.hearth
     store = _store(request)
@@ -146,6 +161,7 @@ async def delete(request: Request) -> Response:
 async def copy(request: Request) -> Response:
     """Ollama `POST /api/copy`: a new name for the same blob."""
     data = await _body(request)
+    await _refuse_upstream(request, _name(data, "source"), "copies", "copy")
     made = _store(request).copy(_name(data, "source"), _name(data, "destination"))
     await rescan(request)
     return JSONResponse({"status": "success", "model": made.name})
