@@ -46,6 +46,7 @@ class FakeUpstream:
         self.stalled = 0  # stall_mid requests still waiting for the client to hang up
         self.bodies: list[dict[str, Any]] = []
         self.request_ids: list[str | None] = []  # the X-Request-Id of each generation request
+        self.loads: list[dict[str, Any]] = []  # Ollama load / unload requests (no prompt)
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -164,6 +165,11 @@ class FakeUpstream:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if self.kind == "ollama" and "prompt" not in body and "messages" not in body:  # load / unload
+            self.loads.append(body)
+            unload = body.get("keep_alive") in (0, "0s", "0")
+            return web.json_response({"model": body.get("model"), "response": "", "done": True,
+                                      "done_reason": "unload" if unload else "load"})
         self.requests += 1
         self.bodies.append(body)
         self.request_ids.append(request.headers.get("X-Request-Id"))

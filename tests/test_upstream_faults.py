@@ -566,6 +566,15 @@ def test_pull_copy_delete_of_an_upstream_model_say_whose_it_is(server: Server) -
     assert "llamita:8b" in {m.model for m in cl.list().models}  # nothing happened to it
 
 
+def test_load_and_unload_through_hearth_reach_an_ollama_upstream(server: Server, fakes: Fakes) -> None:
+    # `ollama run` and Open WebUI load a model, and unload it with keep_alive 0, by a prompt-less request
+    cl = ollama.Client(host=server.url, timeout=30)
+    assert cl.generate(model="llamita:8b", keep_alive="10m").done_reason == "load"
+    assert fakes.olla.loads[-1] == {"model": "llamita:8b", "keep_alive": "600s"}
+    assert cl.generate(model="llamita:8b", keep_alive=0).done_reason == "unload"
+    assert fakes.olla.loads[-1] == {"model": "llamita:8b", "keep_alive": "0s"}
+
+
 def test_embedding_alias_dimension_is_checked_on_first_use(server: Server) -> None:
     r = httpx.post(server.v1 + "/embeddings", json={"model": "vec", "input": "a"}, timeout=30)
     assert r.status_code == 400

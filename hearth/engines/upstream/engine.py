@@ -480,17 +480,33 @@ class UpstreamEngine:
         return list(seen.values())
 
     async def load(self, model: ModelInfo, keep_alive: float | None) -> float:
-        """Start a managed child now; other upstreams load on their own."""
+        """Start a managed child now, or ask an Ollama upstream to load the model (with that
+        keep_alive); OpenAI-compatible servers hold their models themselves."""
         t0 = time.perf_counter()
         if self.managed is not None:
             self.managed.keep(keep_alive)
             await self._ensure_managed()
+        elif isinstance(self.wire, OllamaWire):
+            await self._get_json("/api/generate", self.wire.load_body(self._upstream_model(model), keep_alive))
         return time.perf_counter() - t0
 
     async def unload(self, model: ModelInfo) -> None:
-        """Stop a managed child now."""
+        """Stop a managed child now, or have every replica of an Ollama upstream unload the model."""
         if self.managed is not None:
             await self.managed.stop()
+        elif isinstance(self.wire, OllamaWire):
+            body = self.wire.load_body(self._upstream_model(model), 0)
+            await asyncio.gather(*(self._unload_at(r.url, body) for r in self.pool.replicas))
+
+    async def _unload_at(self, url: str, body: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.cfg.timeouts.connect + 5):
+                status, _ = await self._get(url + "/api/generate", body)
+        except RETRYABLE as exc:
+            log.info("upstream %s: %s did not take the unload: %s", self.name, url, describe(exc))
+            return
+        if status != 200:
+            log.info("upstream %s: %s answered the unload with HTTP %d", self.name, url, status)
 
     def _audit(self, model: str, prompt_tokens: int, completion_tokens: int, outcome: str) -> None:
         """One line per cloud request: who, where, how much; never content."""

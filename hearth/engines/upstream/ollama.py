@@ -149,6 +149,11 @@ class OllamaWire:
             models.append(UpstreamModel(name=name, embedding=embedding))
         return models
 
+    def load_body(self, model: str, keep_alive: float | None) -> bytes:
+        """`/api/generate` without a prompt: Ollama loads the model (keep_alive 0: unloads it)."""
+        keep = _keep_alive(keep_alive)
+        return orjson.dumps({"model": model} if keep is None else {"model": model, "keep_alive": keep})
+
     def show_facts(self, data: Any) -> dict[str, Any]:
         """ModelInfo fields from an `/api/show` answer: capabilities, template, parameters, GGUF keys."""
         facts: dict[str, Any] = {}
