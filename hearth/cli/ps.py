@@ -62,20 +62,39 @@ def rows(data: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def query(args: argparse.Namespace, settings: Settings, path: str, hint: str) -> dict[str, Any] | int:
+    """GET `path` of the running server for a command; on failure the error is printed and its exit
+    code returned. With --json the answer is printed too (and 0 returned)."""
+    from hearth.cli.main import fail
+
+    url = server_url(settings, args.url)
+    try:
+        data = fetch_json(url, path, args.api_key or os.environ.get("HEARTH_API_KEY"))
+    except RuntimeError as exc:
+        return fail(str(exc), hint)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    return data
+
+
+def client_parser(sub: Any, add_common: Any, name: str, help_text: str, path: str, key: str) -> Any:
+    """A subcommand that asks the running server: --url, --api-key and --json."""
+    p = sub.add_parser(name, help=help_text)
+    add_common(p)
+    p.add_argument("--url", help="server URL (env HEARTH_URL; default from host and port settings)")
+    p.add_argument("--api-key", help=f"{key}, if the server has keys (env HEARTH_API_KEY)")
+    p.add_argument("--json", action="store_true", help=f"print the raw {path} answer")
+    return p
+
+
 def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
     """Print the loaded models (in-box engine and managed upstreams)."""
     from hearth.cli.table import print_table
 
-    url = server_url(settings, args.url)
-    try:
-        data = fetch_json(url, "/api/ps", args.api_key or os.environ.get("HEARTH_API_KEY"))
-    except RuntimeError as exc:
-        from hearth.cli.main import fail
-
-        return fail(str(exc), "start it with `hearth serve`, or pass --url")
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
+    data = query(args, settings, "/api/ps", "start it with `hearth serve`, or pass --url")
+    if isinstance(data, int):
+        return data
     print_table(["NAME", "SIZE", "CONTEXT", "UNTIL"], rows(data))
     return 0
 
@@ -84,9 +103,6 @@ def register(sub: Any, add_common: Any) -> None:
     """Add `hearth ps` to the command parser."""
     from hearth.cli.main import settings_from
 
-    p = sub.add_parser("ps", help="list models in memory, managed upstreams included (GET /api/ps)")
-    add_common(p)
-    p.add_argument("--url", help="server URL (env HEARTH_URL; default from host and port settings)")
-    p.add_argument("--api-key", help="API key, if the server requires one (env HEARTH_API_KEY)")
-    p.add_argument("--json", action="store_true", help="print the raw /api/ps answer")
+    p = client_parser(sub, add_common, "ps", "list models in memory, managed upstreams included (GET /api/ps)",
+                      "/api/ps", "an API key")
     p.set_defaults(func=lambda args: cmd_ps(args, settings_from(args).settings))

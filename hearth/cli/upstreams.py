@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from typing import Any
 
 from hearth.settings import Settings
@@ -33,18 +31,13 @@ def rows(data: dict[str, Any]) -> list[list[str]]:
 
 def cmd_upstreams(args: argparse.Namespace, settings: Settings) -> int:
     """Print every upstream replica with its state, requests in flight, requests served and last error."""
-    from hearth.cli.main import fail
-    from hearth.cli.ps import fetch_json, server_url
+    from hearth.cli.ps import query
     from hearth.cli.table import print_table
 
-    url = server_url(settings, args.url)
-    try:
-        data = fetch_json(url, "/admin/upstreams", args.api_key or os.environ.get("HEARTH_API_KEY"))
-    except RuntimeError as exc:
-        return fail(str(exc), "start it with `hearth serve`, or pass --url (and an admin --api-key)")
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
+    data = query(args, settings, "/admin/upstreams",
+                 "start it with `hearth serve`, or pass --url (and an admin --api-key)")
+    if isinstance(data, int):
+        return data
     table = rows(data)
     if not table:
         print("no upstreams configured (add [upstreams.NAME] tables to hearth.toml)")
@@ -56,10 +49,9 @@ def cmd_upstreams(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: Any, add_common: Any) -> None:
     """Add `hearth upstreams` to the command parser."""
     from hearth.cli.main import settings_from
+    from hearth.cli.ps import client_parser
 
-    p = sub.add_parser("upstreams", help="upstream replicas: health, load and last error (GET /admin/upstreams)")
-    add_common(p)
-    p.add_argument("--url", help="server URL (env HEARTH_URL; default from host and port settings)")
-    p.add_argument("--api-key", help="an admin API key, if the server has keys (env HEARTH_API_KEY)")
-    p.add_argument("--json", action="store_true", help="print the raw /admin/upstreams answer")
+    p = client_parser(sub, add_common, "upstreams",
+                      "upstream replicas: health, load and last error (GET /admin/upstreams)",
+                      "/admin/upstreams", "an admin API key")
     p.set_defaults(func=lambda args: cmd_upstreams(args, settings_from(args).settings))
