@@ -21,6 +21,9 @@ MAX_HEAD = 65536
 HIGH_WATER = 4 * READ_SIZE  # bytes buffered before the socket is paused (a slow consumer)
 
 
+RETRYABLE = (OSError, EOFError, TimeoutError)  # transport failures (HTTPProtocolError is a ConnectionError)
+
+
 class HTTPProtocolError(ConnectionError):
     """The server's answer is not valid HTTP/1.1 (or the connection broke mid-answer)."""
 
