@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import ollama
@@ -197,6 +198,18 @@ def test_completions_and_embeddings(server: Server, fakes: Fakes) -> None:
     emb = c.embeddings.create(model="e-embed@good", input=["a", "b"])
     vec = emb.data[1].embedding
     assert len(vec) == 8 and abs(sum(x * x for x in vec) - 1.0) < 1e-6
+
+
+def test_a_model_that_embeds_is_listed_as_one(server: Server) -> None:
+    # discovery guesses from the name and family (bge-m3 or all-minilm would be taken for chat models)
+    def listed() -> dict[str, Any]:
+        models = {m["id"]: m for m in httpx.get(server.v1 + "/models", timeout=30).json()["data"]}
+        assert models["llamita:8b"]["owned_by"] == "olla"
+        return models["llamita:8b"]
+    assert "embedding" not in listed()["capabilities"]
+    client(server).embeddings.create(model="llamita:8b@olla", input="a")
+    after = listed()  # and a re-listing keeps what the answer taught
+    assert "embedding" in after["capabilities"] and after["embedding_dimension"] == 8, after
 
 
 def test_embedding_dimensions_an_upstream_ignores_are_a_400_not_vectors_of_another_size(

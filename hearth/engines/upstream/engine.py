@@ -168,7 +168,9 @@ class UpstreamEngine:
                 setattr(info, key, {**value, **info.metadata} if key == "metadata" else value)
             old = self._models.get(info.id)
             if old is not None and old.embedding_dimension and not info.embedding_dimension:
-                info.embedding_dimension = old.embedding_dimension
+                info.embedding_dimension = old.embedding_dimension  # learned from an answer: kept
+                if "embedding" not in info.capabilities:
+                    info.capabilities = [*info.capabilities, "embedding"]
             table[info.id] = info
         self._models = table
 
@@ -405,6 +407,9 @@ class UpstreamEngine:
                 f"{got}-dimensional vectors; drop `dimensions` or ask for {got}", param="dimensions")
         if got is not None and req.dimensions is None and model.embedding_dimension is None:
             model.embedding_dimension = got  # only an unshortened answer tells the native size
+            if "embedding" not in model.capabilities:
+                # discovery guesses from the name (bge-m3, all-minilm do not say "embed"): it embeds
+                model.capabilities = [*model.capabilities, "embedding"]
         return EmbedResult(vectors=[_normalised(v) for v in vectors], prompt_tokens=tokens, model=model.id,
                            total_ns=time.perf_counter_ns() - t0)
 
