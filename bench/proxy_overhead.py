@@ -6,7 +6,11 @@ LiteLLM's proxy. For non-streamed and streamed chat requests it reports the
 latency each proxy adds (p50/p99 of sequential requests, minus the direct
 call; the targets take turns in ten slices so drift hits them alike) and the request rate at concurrency 32 (with the error count).
 
-    python bench/proxy_overhead.py [--litellm /path/to/litellm] [--requests 1000] [--seconds 5]
+    python bench/proxy_overhead.py [--litellm /path/to/litellm] [--requests 1000] [--seconds 5] [--json]
+
+After the table come the ratios of each proxy to hearth (same run), the
+issue's targets met or missed, and the share of CPU time the hypervisor stole
+during the run: on a busy host every row is slower, the direct baseline too.
 
 LiteLLM belongs in its own venv (`pip install 'litellm[proxy]'`); without it
 that column is skipped with a message. `floor` is a bare Starlette + aiohttp
@@ -149,7 +153,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -287,13 +291,35 @@ class Row:
     errors: int
 
 
-async def measure(targets: dict[str, str], n: int, seconds: float) -> list[Row]:
+class Progress:
+    """Step lines on stderr (`[3/12] hearth json req/s@32`): the run takes minutes."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {what}", file=sys.stderr, flush=True)
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks since boot, from /proc/stat; (0, 0) where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+async def measure(targets: dict[str, str], n: int, seconds: float, progress: Progress) -> list[Row]:
     rows = []
     for stream in (False, True):
         mode = "stream" if stream else "json"
+        progress.step(f"{mode} latency, {n} sequential requests each: {', '.join(targets)}")
         lat = await sequential(targets, stream, n)
         b50, b99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
         for name, url in targets.items():
+            progress.step(f"{name} {mode} req/s at concurrency 32 for {seconds:g} s")
             rps, errors = await rate(url, stream, seconds)
             p50, p99 = pct(lat[name], 0.5), pct(lat[name], 0.99)
             rows.append(Row(name, mode, p50, p99, p50 - b50, p99 - b99, rps, errors))
@@ -310,6 +336,65 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.name:<10}{r.mode:<8}{r.p50:>9.2f}{r.p99:>9.2f}{add50:>9}{add99:>9}{r.rps:>10.0f}{r.errors:>8}")
 
 
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def verdicts(rows: list[Row]) -> list[dict[str, object]]:
+    """The issue's targets, per mode: hearth's value, the limit, met or not."""
+    by = {(r.name, r.mode): r for r in rows}
+    out: list[dict[str, object]] = []
+    for mode in ("json", "stream"):
+        h, lite = by[("hearth", mode)], by.get(("litellm", mode))
+        out += [
+            {"mode": mode, "target": "hearth adds <= 0.5 ms at p50", "value": h.added50,
+             "met": h.added50 <= 0.5 and h.errors == 0},
+            {"mode": mode, "target": "hearth adds <= 3 ms at p99", "value": h.added99, "met": h.added99 <= 3.0},
+        ]
+        if lite is not None:
+            less = ratio(lite.added50, h.added50)
+            more = ratio(h.rps, lite.rps)
+            out += [
+                {"mode": mode, "target": "LiteLLM adds >= 5x more at p50", "value": less,
+                 "met": less is not None and less >= 5},
+                {"mode": mode, "target": "hearth sustains more req/s than LiteLLM", "value": more,
+                 "met": more is not None and more > 1 and h.errors == 0},
+            ]
+    return out
+
+
+def print_ratios(rows: list[Row]) -> None:
+    """Each proxy against hearth, same run: added latency and request rate as ratios."""
+    by = {(r.name, r.mode): r for r in rows}
+    print()
+    print(f"{'ratio (same run)':<34}{'json':>10}{'stream':>10}")
+    for peer in ("floor", "litellm"):
+        if (peer, "json") not in by:
+            continue
+        for label, get, flip in ((f"{peer} / hearth, +p50", lambda r: r.added50, False),
+                                 (f"{peer} / hearth, +p99", lambda r: r.added99, False),
+                                 (f"hearth / {peer}, req/s@32", lambda r: r.rps, True)):
+            cells = []
+            for mode in ("json", "stream"):
+                h, o = get(by[("hearth", mode)]), get(by[(peer, mode)])
+                x = ratio(h, o) if flip else ratio(o, h)
+                cells.append("-" if x is None else f"{x:.2f}x")
+            print(f"{label:<34}{cells[0]:>10}{cells[1]:>10}")
+
+
+def print_verdicts(checks: list[dict[str, object]], steal: float | None) -> None:
+    print()
+    print(f"{'target':<42}{'mode':<8}{'hearth':>9}  result")
+    for c in checks:
+        value = c["value"]
+        shown = "-" if value is None else (f"{value:.2f}x" if "LiteLLM" in str(c["target"]) else f"{value:.2f}")
+        print(f"{c['target']!s:<42}{c['mode']!s:<8}{shown:>9}  {'met' if c['met'] else 'MISSED'}")
+    if steal is not None:
+        # a busy host slows the direct baseline and every proxy alike, but the target is absolute
+        note = " (a quiet host is under 0.1%: this run's absolute numbers are slowed)" if steal >= 0.5 else ""
+        print(f"host: {steal:.1f}% of CPU time stolen by the hypervisor during the run{note}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--litellm", default=shutil.which("litellm") or "/work/litellm-venv/bin/litellm",
@@ -317,6 +402,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000, help="sequential requests per target and mode")
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of the concurrency-32 run")
     ap.add_argument("--no-floor", action="store_true", help="skip the bare Starlette+aiohttp reference proxy")
+    ap.add_argument("--json", action="store_true", help="print the rows, ratios and verdicts as JSON")
     ap.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-floor", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -327,6 +413,10 @@ def main() -> int:
         serve_floor(int(args.serve_floor[0]), args.serve_floor[1])
         return 0
     procs: list[subprocess.Popen[bytes]] = []
+    lite = Path(args.litellm).exists()
+    # each measure(): 2 latency steps, and one rate step per target and mode
+    progress = Progress(2 + 2 * (2 + (not args.no_floor)) + (6 if lite else 0))
+    steal0, total0 = cpu_ticks()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         try:
@@ -345,22 +435,33 @@ def main() -> int:
             hearth_url, hp = start_hearth(tmp, upstream)
             procs.append(hp)
             targets["hearth"] = hearth_url
-            rows = asyncio.run(measure(targets, args.requests, args.seconds))
+            rows = asyncio.run(measure(targets, args.requests, args.seconds, progress))
             # LiteLLM keeps busy in the background even when idle, so it runs only
             # while it is measured (against a fresh direct baseline).
-            if Path(args.litellm).exists():
+            if lite:
                 lite_url, lp = start_litellm(tmp, args.litellm, upstream)
                 procs.append(lp)
-                more = asyncio.run(measure({"direct": upstream, "litellm": lite_url}, args.requests, args.seconds))
+                more = asyncio.run(measure({"direct": upstream, "litellm": lite_url}, args.requests, args.seconds,
+                                           progress))
                 rows += [r for r in more if r.name == "litellm"]
                 rows.sort(key=lambda r: r.mode != "json")
             else:
                 print(f"LiteLLM not found at {args.litellm}; skipping it "
-                      "(python -m venv /work/litellm-venv && /work/litellm-venv/bin/pip install 'litellm[proxy]')")
+                      "(python -m venv /work/litellm-venv && /work/litellm-venv/bin/pip install 'litellm[proxy]')",
+                      file=sys.stderr)
         finally:
             for p in reversed(procs):
                 stop(p)
+    steal1, total1 = cpu_ticks()
+    steal = 100 * (steal1 - steal0) / (total1 - total0) if total1 > total0 else None
+    checks = verdicts(rows)
+    if args.json:
+        print(json.dumps({"rows": [r.__dict__ for r in rows], "targets": checks, "steal_percent": steal,
+                          "hearth": hearth_source()}, indent=2))
+        return 0
     print_table(rows)
+    print_ratios(rows)
+    print_verdicts(checks, steal)
     print(f"hearth measured: {hearth_source()}")
     return 0
 
