@@ -557,6 +557,8 @@ def test_api_show_of_an_ollama_upstream_model_says_what_the_upstream_shows(serve
     assert shown.parameters and "<|eot_id|>" in shown.parameters
     assert shown.modelinfo and shown.modelinfo["mllama.context_length"] == 131072
     assert "shown" not in shown.modelinfo
+    # its context is Ollama's per-request num_ctx, unknown here: not claimed to be 0
+    assert shown.modelfile is not None and "num_ctx" not in shown.modelfile
 
 
 def test_api_ps_shows_what_an_ollama_upstream_holds(server: Server) -> None:
