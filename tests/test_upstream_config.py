@@ -5,6 +5,7 @@ No test here contacts a cloud address: cloud upstreams are only validated.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -136,5 +137,30 @@ def test_cloud_upstream_allowed_only_by_qualified_name(tmp_path: Path) -> None:
                        json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 200 and r.json()["model"] == "fake"
         assert "sk-secret-value" not in server.log()
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize(("command", "said"), [
+    ([sys.executable, "-c", "import sys; print('error: model file not found'); sys.exit(3)", "{port}"],
+     "exited with code 3; last output: error: model file not found"),
+    (["/nonexistent/llama-server", "--port", "{port}"], "could not start '/nonexistent/llama-server'"),
+])
+def test_a_managed_upstream_that_fails_to_start_says_why(tmp_path: Path, command: list[str], said: str) -> None:
+    """The request gets a 503 with the reason, and `hearth upstreams` keeps showing it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    argv = ", ".join(json.dumps(a) for a in command)  # TOML basic strings
+    (home / "hearth.toml").write_text(f'[upstreams.ls]\nkind = "openai"\nmodels = ["x"]\n'
+                                      f'managed = {{ command = [{argv}] }}\n')
+    server = start_server(home, "--fake", timeout=30)
+    try:
+        r = httpx.post(server.v1 + "/chat/completions", timeout=30,
+                       json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and said in r.json()["error"]["message"], r.text
+        out = subprocess.run([sys.executable, "-m", "hearth", "upstreams", "--url", server.url, "--json"],
+                             capture_output=True, text=True, timeout=30)
+        [ls] = json.loads(out.stdout)["upstreams"]
+        assert [(rep["healthy"], said in (rep["last_error"] or "")) for rep in ls["replicas"]] == [(False, True)], ls
     finally:
         stop_server(server)

@@ -435,11 +435,13 @@ class UpstreamEngine:
     def stats(self) -> dict[str, Any]:
         """For /metrics: requests in flight, and each replica's health (a managed child: running)."""
         replicas = self.pool.replicas
-        running = self.managed.running if self.managed is not None else None
+        m = self.managed
+        running = m.running if m is not None else None
         return {
             "active_sequences": sum(r.outstanding for r in replicas),
             "replicas": [{"url": r.url, "healthy": r.healthy if running is None else running,
-                          "outstanding": r.outstanding, "served": r.served, "last_error": r.last_error}
+                          "outstanding": r.outstanding, "served": r.served,
+                          "last_error": (m.last_error if m is not None else None) or r.last_error}
                          for r in replicas],
         }
 

@@ -77,6 +77,7 @@ class ManagedServer:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._restarts: deque[float] = deque()
+        self.last_error: str | None = None  # why it last failed to start or died (for `hearth upstreams`)
 
     @property
     def running(self) -> bool:
@@ -129,9 +130,9 @@ class ManagedServer:
                 preexec_fn=die_with_parent,
             )
         except OSError as exc:
+            self.last_error = f"could not start {argv[0]!r}: {exc.strerror or exc}"
             raise EngineUnavailable(
-                f"managed upstream {self.name!r} could not start {argv[0]!r}: {exc.strerror or exc}; "
-                "check managed.command in hearth.toml"
+                f"managed upstream {self.name!r} {self.last_error}; check managed.command in hearth.toml"
             ) from None
         self._stopping = False
         self.tail.clear()
@@ -148,6 +149,7 @@ class ManagedServer:
                 break
             if await self.probe(url + self.ready_path):
                 self.url = url
+                self.last_error = None
                 log.info("managed upstream %s is ready at %s (pid %d)", self.name, url, proc.pid)
                 return
             await asyncio.sleep(0.2)
@@ -157,7 +159,8 @@ class ManagedServer:
         why = f"exited with code {code}" if code is not None else \
             f"was not ready within {self.cfg.startup_timeout:g}s (managed.startup_timeout)"
         last = " | ".join(list(self.tail)[-3:]) or "no output"
-        raise EngineUnavailable(f"managed upstream {self.name!r} {why}; last output: {last}", retry_after=5)
+        self.last_error = f"{why}; last output: {last}"
+        raise EngineUnavailable(f"managed upstream {self.name!r} {self.last_error}", retry_after=5)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -182,6 +185,7 @@ class ManagedServer:
         if self._stopping or proc is not self.proc:
             return
         self.url = None
+        self.last_error = f"exited with code {code} while serving"
         log.warning("managed upstream %s (pid %d) exited with code %s", self.name, proc.pid, code)
         now = time.monotonic()
         self._restarts.append(now)
