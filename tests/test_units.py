@@ -364,3 +364,17 @@ def test_scan_headers_finds_the_first_key_and_the_size(keys: list[tuple[bytes, b
     headers = [(b"host", b"127.0.0.1:8000"), *keys, (b"content-type", b"application/json"),
                (b"content-length", b"42")]
     assert scan_headers(headers) == _scan_reference(headers)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (30, "less than a minute from now"), (61, "1 minute from now"), (299, "4 minutes from now"),
+    (7300, "2 hours from now"), (3 * 86400, "3 days from now"), (20 * 86400, "2 weeks from now"),
+    (1000 * 86400, "2 years from now"), (-5, "expired"),
+])
+def test_hearth_ps_says_when_a_model_is_unloaded_in_the_largest_fitting_unit(seconds: int, text: str) -> None:
+    import datetime as dt
+
+    from hearth.cli.ps import until
+    when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds + 0.5)
+    assert until(when.isoformat()) == text
+    assert until(None) == "Forever"

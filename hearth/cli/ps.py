@@ -36,6 +36,11 @@ def fetch_json(url: str, path: str, api_key: str | None) -> dict[str, Any]:
         raise RuntimeError(f"cannot reach hearth at {url} ({reason}); is `hearth serve` running?") from None
 
 
+# (unit, its seconds, the time from which the next unit is used)
+UNITS = (("minute", 60, 2 * 3600), ("hour", 3600, 2 * 86400), ("day", 86400, 14 * 86400),
+         ("week", 7 * 86400, 60 * 86400), ("month", 30 * 86400, 730 * 86400), ("year", 365 * 86400, 3e8))
+
+
 def until(expires_at: str | None) -> str:
     """'4 minutes from now' style text for an RFC 3339 time."""
     if not expires_at:
@@ -49,7 +54,11 @@ def until(expires_at: str | None) -> str:
         return "Forever"
     if seconds < 60:
         return "less than a minute from now" if seconds >= 0 else "expired"
-    return f"{int(seconds // 60)} minutes from now"
+    for unit, size, below in UNITS:  # the largest unit that still reads as a count, as Ollama prints it
+        if seconds < below:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 else ''} from now"
+    return "Forever"
 
 
 def rows(data: dict[str, Any]) -> list[list[str]]:
