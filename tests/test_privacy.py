@@ -201,6 +201,38 @@ def test_admin_key_created_at_start_is_required_over_http(tmp_path: Path) -> Non
         stop_server(server)
 
 
+CLOUD_TOML = '[upstreams.openai]\nkind = "openai"\nurls = ["https://api.openai.com"]\ncloud = true\nmodels = ["g"]\n'
+
+
+def privacy_json(home: Path) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-m", "hearth", "privacy", "--json"], env=cli_env(home),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("extra", "keys", "who"), [
+    ("", [], ["(no keys: anyone on this machine)"]),  # nothing is checked: the cloud is open here too
+    ("loopback_needs_key = false\n", ["app"],
+     ["(without a key: anyone on this machine, loopback_needs_key = false)"]),
+    ("", ["app"], []),
+])
+def test_privacy_report_says_who_on_this_machine_reaches_a_cloud_without_a_key(
+        tmp_path: Path, extra: str, keys: list[str], who: list[str]) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "hearth.toml").write_text(extra + CLOUD_TOML)
+    for name in keys:
+        subprocess.run([sys.executable, "-m", "hearth", "keys", "create", name], env=cli_env(home), check=True,
+                       capture_output=True, timeout=60)
+    report = privacy_json(home)
+    [cloud] = [h for h in report["outbound"] if h["host"] == "api.openai.com"]  # type: ignore[attr-defined]
+    assert cloud["keys"] == who and report["local_open"] is bool(who)
+    table = subprocess.run([sys.executable, "-m", "hearth", "privacy"], env=cli_env(home), capture_output=True,
+                           text=True, timeout=60).stdout
+    assert ("any client on this machine may, without a key" in table) is bool(who), table
+
+
 def test_privacy_report_lists_hosts_cloud_keys_and_cloud_calls(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

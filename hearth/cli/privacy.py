@@ -32,7 +32,11 @@ def cmd_privacy(args: argparse.Namespace) -> int:
                      for h in report["outbound"]])
     else:
         print("outbound hosts: none")
-    print(f"\nkeys allowed to use cloud upstreams: {', '.join(report['cloud_keys']) or 'none'}")
+    if report["local_open"] and any(h["cloud"] and h["url"] for h in report["outbound"]):
+        print("\nkeys allowed to use cloud upstreams: any client on this machine may, without a key (hint: "
+              "once a key exists and loopback_needs_key is true, only --allow-cloud keys reach a cloud)")
+    else:
+        print(f"\nkeys allowed to use cloud upstreams: {', '.join(report['cloud_keys']) or 'none'}")
     calls = report["cloud_calls"]
     if not calls:
         print("recorded cloud calls: none")

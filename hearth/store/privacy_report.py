@@ -10,13 +10,22 @@ from hearth.store.keys import KeyStore
 from hearth.store.usage import UsageStore
 
 NO_TELEMETRY = "hearth sends no telemetry, makes no update checks and downloads nothing in the background"
+ANYONE = "(no keys: anyone on this machine)"
+ANYONE_KEYLESS = "(without a key: anyone on this machine, loopback_needs_key = false)"
+
+
+def local_open(settings: Settings, keys: KeyStore) -> bool:
+    """True when clients on this machine need no key: none exists, or `loopback_needs_key = false`."""
+    return not keys.any_keys() or not bool(getattr(settings, "loopback_needs_key", True))
 
 
 def outbound_hosts(settings: Settings, keys: KeyStore) -> list[dict[str, Any]]:
     """Each host hearth is configured to contact, whether it is cloud, and which keys may reach it."""
     live = keys.list()
-    cloud_keys = [k.name for k in live if k.allow_cloud]
-    everyone = [k.name for k in live] if live else ["(no keys: anyone on this machine)"]
+    # a client on this machine without a key is not checked at all, so it reaches cloud upstreams too
+    owner = [ANYONE if not live else ANYONE_KEYLESS] if local_open(settings, keys) else []
+    everyone = [k.name for k in live] + owner
+    cloud_keys = [k.name for k in live if k.allow_cloud] + owner
     hosts: list[dict[str, Any]] = []
     for name, up in (getattr(settings, "upstreams", None) or {}).items():
         urls = list(getattr(up, "urls", None) or [])
@@ -48,10 +57,12 @@ def pull_sources(settings: Settings) -> list[tuple[str, str]]:
 
 def build_report(settings: Settings, keys: KeyStore, usage: UsageStore, since: float | None = None) -> dict[str, Any]:
     """The whole privacy report as JSON-ready data."""
+    live = keys.list()
     return {
         "telemetry": NO_TELEMETRY,
         "allow_network": bool(getattr(settings, "allow_network", False)),
         "outbound": outbound_hosts(settings, keys),
-        "cloud_keys": [k.name for k in keys.list() if k.allow_cloud],
+        "cloud_keys": [k.name for k in live if k.allow_cloud],
+        "local_open": local_open(settings, keys),  # keyless requests from this machine pass, cloud ones too
         "cloud_calls": usage.cloud_calls(since),
     }
