@@ -23,7 +23,7 @@ def outbound_hosts(settings: Settings, keys: KeyStore) -> list[dict[str, Any]]:
     """Each host hearth is configured to contact, whether it is cloud, and which keys may reach it."""
     live = keys.list()
     # a client on this machine without a key is not checked at all, so it reaches cloud upstreams too
-    owner = [ANYONE if not live else ANYONE_KEYLESS] if local_open(settings, keys) else []
+    owner = [ANYONE_KEYLESS if keys.any_keys() else ANYONE] if local_open(settings, keys) else []
     everyone = [k.name for k in live] + owner
     cloud_keys = [k.name for k in live if k.allow_cloud] + owner
     hosts: list[dict[str, Any]] = []
