@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -78,7 +79,28 @@ UNSERVED = {
     "/api/create": "hearth builds no models from Modelfiles; register a GGUF with `hearth models import PATH --name NAME`",
     "/api/push": "hearth does not push models to a registry",
     "/api/blobs": "hearth takes no blob uploads; register a GGUF with `hearth models import PATH --name NAME`",
+    "/v1/responses": "hearth serves the Chat Completions API: use POST /v1/chat/completions "
+                     "(openai SDK: client.chat.completions.create)",
+    "/v1/audio": "hearth serves text models only (no speech or transcription)",
+    "/v1/images": "hearth serves text models only (no image generation; vision models read images in chat)",
+    "/v1/moderations": "hearth has no moderation endpoint",
+    "/v1/files": "hearth stores no files; send the content in the request",
+    "/v1/batches": "hearth has no batch API; send the requests concurrently (the in-box engine batches them)",
+    "/v1/assistants": "hearth has no Assistants API; use POST /v1/chat/completions",
+    "/v1/threads": "hearth has no Assistants API; use POST /v1/chat/completions",
+    "/v1/fine_tuning": "hearth does not fine-tune models",
 }
+
+
+def closest_route(request: Request) -> str:
+    """'; did you mean POST /v1/chat/completions?' for a misspelt path, else where the APIs live."""
+    served = {getattr(r, "path", ""): sorted(getattr(r, "methods", None) or ()) for r in request.app.routes}
+    near = difflib.get_close_matches(request.url.path, [p for p in served if "{" not in p], n=1, cutoff=0.8)
+    if not near:
+        return "; see /v1/* and /api/*"
+    methods = [m for m in served[near[0]] if m != "HEAD"]
+    verb = request.method if request.method in methods else "/".join(methods)
+    return f"; did you mean {verb} {near[0]}?"
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
@@ -88,7 +110,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404 and unserved:
         err: HearthError = NotFound(f"{request.method} {path} is not supported: {unserved}", code="not_supported")
     elif exc.status_code == 404:
-        err = NotFound(f"no route {request.method} {path}; see /v1/* and /api/*", code="not_found")
+        err = NotFound(f"no route {request.method} {path}{closest_route(request)}", code="not_found")
     else:
         err = HearthError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
                           code="method_not_allowed" if exc.status_code == 405 else None)

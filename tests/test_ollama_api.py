@@ -229,6 +229,7 @@ def test_ollama_endpoints_hearth_does_not_serve_say_what_to_do(http: httpx.Clien
     assert "not supported" in msg and "hearth models import" in msg
     assert "not supported" in error_of(http.post("/api/push", json={"model": "x"}), 404)
     assert "no route" in error_of(http.post("/api/nothing", json={}), 404)
+    assert "did you mean POST /api/chat?" in error_of(http.post("/api/chats", json={}), 404)
 
 
 def test_invalid_json_body_is_a_400(http: httpx.Client) -> None:

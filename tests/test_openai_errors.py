@@ -95,8 +95,21 @@ def test_context_length_exceeded(server: Server) -> None:
 
 
 def test_unknown_route_and_method(server: Server) -> None:
-    assert_envelope(httpx.get(server.url + "/v1/nothing"), 404, "/v1/nothing")
+    assert_envelope(httpx.get(server.url + "/v1/nothing"), 404, "/v1/nothing", "see /v1/* and /api/*")
     assert_envelope(httpx.get(server.url + CHAT), 405, "GET")
+    # a misspelt path, or a base URL without /v1, names the route meant
+    for wrong in ("/v1/chat/completion", "/chat/completions"):
+        assert_envelope(post(server, wrong, {}), 404, "did you mean POST /v1/chat/completions?")
+    assert_envelope(httpx.get(server.url + "/v1/model"), 404, "did you mean GET /v1/models?")
+
+
+def test_openai_apis_hearth_does_not_serve_say_what_to_use(server: Server) -> None:
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model="fake", input="hi")
+    assert "POST /v1/chat/completions" in str(err.value) and "not supported" in str(err.value)
+    assert isinstance(err.value.body, dict) and err.value.body["code"] == "not_supported"
+    assert_envelope(post(server, "/v1/images/generations", {"prompt": "a cat"}), 404, "text models only")
 
 
 def test_bad_embeddings(server: Server) -> None:
