@@ -63,6 +63,9 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
          ["schema"], None),
         ({"messages": MSG, "response_format": {"type": "xml"}}, ["response_format.type"], None),
+        ({"messages": MSG, "modalities": ["text", "audio"]}, ["text only"], "modalities"),
+        ({"messages": MSG, "audio": {"voice": "alloy", "format": "wav"}}, ["audio output"], "audio"),
+        ({"messages": MSG, "web_search_options": {}}, ["no web search"], "web_search_options"),
     ],
 )
 def test_bad_chat_fields_are_400_naming_the_field(server: Server, body: dict, words: list[str],

@@ -135,6 +135,20 @@ def _completion_logprobs(req: w.CompletionRequest) -> int | None:
     return value
 
 
+def _reject_unsupported_extras(extra: dict[str, Any]) -> None:
+    """Fields that, ignored, would make an answer look like something it is not."""
+    modalities = extra.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise BadRequest(f"modalities {modalities!r}: hearth's models answer in text only; "
+                         'drop `modalities` or send ["text"]', param="modalities")
+    if extra.get("audio") is not None:
+        raise BadRequest("audio output is not supported: hearth's models answer in text only; drop `audio`",
+                         param="audio")
+    if extra.get("web_search_options") is not None:
+        raise BadRequest("hearth does no web search (prompts stay on this machine); drop `web_search_options`",
+                         param="web_search_options")
+
+
 def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
     """OpenAI chat request -> core GenerateRequest."""
     _reject_unsupported(req)
@@ -144,6 +158,7 @@ def chat_request(req: w.ChatCompletionRequest) -> GenerateRequest:
             if extra.get(old) is not None:  # ignoring them would answer as if no function existed
                 raise BadRequest(f"`{old}` is the deprecated form of `{new}`; send `{new}` instead "
                                  '(each function as {"type": "function", "function": {...}})', param=old)
+        _reject_unsupported_extras(extra)
     if req.tools is None and req.tool_choice is None:  # most requests: nothing to check
         tool_list: list[dict[str, Any]] = []
         choice = None
