@@ -164,3 +164,28 @@ def test_a_managed_upstream_that_fails_to_start_says_why(tmp_path: Path, command
         assert [(rep["healthy"], said in (rep["last_error"] or "")) for rep in ls["replicas"]] == [(False, True)], ls
     finally:
         stop_server(server)
+
+
+def test_a_managed_upstream_whose_port_was_taken_meanwhile_starts_on_another(tmp_path: Path) -> None:
+    """The free port is picked before the child binds it; another process may take it in between."""
+    marker = tmp_path / "tried"
+    script = (f"import sys, pathlib, http.server\nm = pathlib.Path({str(marker)!r})\n"
+              "if not m.exists():\n    m.write_text('x')\n"
+              "    print('start: couldn\\'t bind HTTP server socket, hostname: 127.0.0.1', flush=True)\n"
+              "    sys.exit(1)\n"
+              "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), "
+              "http.server.SimpleHTTPRequestHandler).serve_forever()\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    argv = ", ".join(json.dumps(a) for a in [sys.executable, "-c", script, "{port}"])
+    (home / "hearth.toml").write_text(f'[upstreams.ls]\nkind = "openai"\nmodels = ["x"]\n'
+                                      f'managed = {{ command = [{argv}], ready_path = "/" }}\n')
+    server = start_server(home, "--fake", timeout=30)
+    try:
+        # the child answers no chat (a plain file server), but it was started: not a 503
+        r = httpx.post(server.v1 + "/chat/completions", timeout=30,
+                       json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code != 503, r.text
+        assert "was taken meanwhile; trying another" in server.log() and "is ready at" in server.log()
+    finally:
+        stop_server(server)

@@ -114,7 +114,15 @@ class ManagedServer:
             return self.url  # type: ignore[return-value]
         async with self._lock:
             if not self.running:
-                await self._start()
+                try:
+                    await self._start()
+                except EngineUnavailable:
+                    if not self._port_taken():
+                        raise
+                    # the free port was taken between our check and the child's bind: once more
+                    log.info("managed upstream %s: port %d was taken meanwhile; trying another", self.name,
+                             self.port)
+                    await self._start()
         self.last_used = time.monotonic()
         return self.url  # type: ignore[return-value]
 
@@ -161,6 +169,11 @@ class ManagedServer:
         last = " | ".join(list(self.tail)[-3:]) or "no output"
         self.last_error = f"{why}; last output: {last}"
         raise EngineUnavailable(f"managed upstream {self.name!r} {self.last_error}", retry_after=5)
+
+    def _port_taken(self) -> bool:
+        """True when the child's last words say its port was in use (llama-server, vLLM, Ollama)."""
+        said = " ".join(self.tail).lower()
+        return any(s in said for s in ("address already in use", "couldn't bind", "address in use"))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
