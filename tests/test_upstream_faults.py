@@ -241,6 +241,8 @@ def test_models_are_listed_with_upstream_names(server: Server) -> None:
     listed = {m.id: m for m in client(server).models.list().data}
     assert {"m", "e-embed", "llamita:8b", "fake:latest"} <= set(listed)
     assert getattr(listed["e-embed"], "context_length") == 4096  # what a request may use, not n_ctx_train
+    # an Ollama upstream's context is num_ctx per request: unknown, so not claimed (as 0 it read "no context")
+    assert not hasattr(listed["llamita:8b"], "context_length"), listed["llamita:8b"]
 
 
 def test_refused_replica_fails_over_and_is_ejected(server: Server, fakes: Fakes) -> None:

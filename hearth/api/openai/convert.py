@@ -387,9 +387,10 @@ def model_body(info: ModelInfo, model_id: str | None = None) -> dict[str, Any]:
         "object": "model",
         "created": info.created,
         "owned_by": info.owned_by,
-        "context_length": info.context_length,
         "capabilities": info.capabilities,
     }
+    if info.context_length:  # 0 = unknown (an Ollama upstream sets it per request): not claimed
+        body["context_length"] = info.context_length
     if info.embedding_dimension:
         body["embedding_dimension"] = info.embedding_dimension
         body["embedding_dimensions"] = info.embedding_dimensions or [info.embedding_dimension]
