@@ -75,7 +75,7 @@ refresh = 1
 [upstreams.good]
 kind = "openai"
 urls = ["{self.good.url}"]
-drop_params = ["top_k"]
+drop_params = ["top_k", "logit_bias"]
 
 [upstreams.mixed]
 kind = "openai"
@@ -230,10 +230,10 @@ def test_embedding_dimensions_an_upstream_ignores_are_a_400_not_vectors_of_anoth
 
 
 def test_unsupported_params_are_dropped_with_a_log_line(server: Server, fakes: Fakes) -> None:
-    r = chat(server, "m@good", top_k=5, temperature=0.5)
+    r = chat(server, "m@good", top_k=5, temperature=0.5, logit_bias={"5": 1.0})
     assert r.status_code == 200, r.text
     sent = fakes.good.bodies[-1]
-    assert "top_k" not in sent and sent["temperature"] == 0.5
+    assert "top_k" not in sent and "logit_bias" not in sent and sent["temperature"] == 0.5
     assert "does not support 'top_k'" in server.log()
 
 

@@ -71,6 +71,14 @@ class Secret:
     __str__ = __repr__
 
 
+def _unset(obj: Any, name: str) -> Any:
+    """The value a dataclass field has when the client did not send it (None, or {} for logit_bias)."""
+    field = next(f for f in dataclasses.fields(obj) if f.name == name)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
 class UpstreamEngine:
     """Serves the models of one upstream (one or more replica URLs, or a managed child)."""
 
@@ -367,7 +375,8 @@ class UpstreamEngine:
         if not self._drop:
             return req
         s = req.sampling
-        cleared: dict[str, Any] = {f: None for f in self._drop if hasattr(s, f) and getattr(s, f) not in (None, {})}
+        cleared: dict[str, Any] = {f: _unset(s, f) for f in self._drop
+                                   if hasattr(s, f) and getattr(s, f) not in (None, {})}
         for f in cleared:
             self._dropper(req.model)(f)
         return dataclasses.replace(req, sampling=dataclasses.replace(s, **cleared)) if cleared else req
