@@ -10,7 +10,7 @@ in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
 `bad_args` the arguments are not a JSON object). A request for logprobs gets
 each piece as one token with logprob -0.5 and the alternatives asked for;
 `think` sends the reasoning in `THOUGHTS` before the answer; a prompt longer than `CONTEXT` characters
-gets the 400 each server sends for it. `delay` slows every answer; `requests` counts
+gets the 400 each server sends for it, and two user turns in a row the 500 llama-server sends for them. `delay` slows every answer; `requests` counts
 generation calls; `bodies` keeps the JSON bodies received.
 """
 
@@ -177,6 +177,11 @@ class FakeUpstream:
             await asyncio.sleep(self.delay)
         if self.mode == "error500":
             return web.json_response({"error": {"message": "internal boom"}}, status=500)
+        roles = [m.get("role") for m in body.get("messages") or ()]
+        if any(a == b == "user" for a, b in zip(roles, roles[1:])):  # as llama-server's Gemma template says
+            return web.json_response({"error": {"code": 500, "type": "server_error", "message":
+                                                "Conversation roles must alternate user/assistant/user/assistant/..."}},
+                                     status=500)
         if self.mode == "stall":
             await asyncio.sleep(3600)
         if self.mode == "endless_line":  # a broken server: one line that never ends

@@ -35,6 +35,7 @@ class Fakes:
         self.good2 = FakeUpstream().start()
         self.flaky_port = free_port()  # nothing listens here until the recovery test
         self.late_port = free_port()  # an upstream that comes up after hearth (the listing test)
+        self.cloud_flaky_port = free_port()  # a cloud replica that is down, then recovers
         self.err500 = FakeUpstream(mode="error500").start()
         self.good3 = FakeUpstream().start()
         self.only500 = FakeUpstream(mode="error500").start()
@@ -61,6 +62,13 @@ kind = "openai"
 urls = ["{self.good.url}"]
 models = ["m"]
 cloud = true
+
+[upstreams.clpair]  # a cloud with two replicas: no health checks go there
+kind = "openai"
+urls = ["http://127.0.0.1:{self.cloud_flaky_port}", "{self.good3.url}"]
+models = ["m"]
+cloud = true
+health_interval = 0.5
 
 [upstreams.endless]
 kind = "openai"
@@ -91,6 +99,11 @@ models = ["m"]
 [upstreams.only500]
 kind = "openai"
 urls = ["{self.only500.url}"]
+models = ["m"]
+
+[upstreams.twin]
+kind = "openai"
+urls = ["{self.good.url}", "{self.good2.url}"]
 models = ["m"]
 
 [upstreams.down]
@@ -277,6 +290,22 @@ def test_recovered_replica_is_readmitted(server: Server, fakes: Fakes) -> None:
         revived.stop()
 
 
+def test_an_ejected_cloud_replica_is_tried_again_after_its_probation(server: Server, fakes: Fakes) -> None:
+    for _ in range(2):  # rotation reaches the dead replica: refused, retried on the other, ejected
+        assert chat(server, "m@clpair").status_code == 200
+    flaky = f"http://127.0.0.1:{fakes.cloud_flaky_port}"
+    assert replica_up(server, "clpair") == {flaky: 0.0, fakes.good3.url: 1.0}
+    revived = FakeUpstream(port=fakes.cloud_flaky_port).start()
+    try:
+        time.sleep(0.7)  # health_interval is the probation of a cloud upstream
+        for _ in range(4):
+            assert chat(server, "m@clpair").status_code == 200
+        assert revived.requests >= 1, "a recovered cloud replica must get traffic again"
+        assert replica_up(server, "clpair") == {flaky: 1.0, fakes.good3.url: 1.0}
+    finally:
+        revived.stop()
+
+
 def test_discovered_models_are_listed_when_the_upstream_comes_up_and_follow_its_list(
         server: Server, fakes: Fakes) -> None:
     # nobody asks for these models by name: /v1/models and /api/tags alone must show them
@@ -322,11 +351,24 @@ def test_replica_answering_500_fails_over(server: Server, fakes: Fakes) -> None:
         assert str(fakes.good3.port) in r.json()["choices"][0]["message"]["content"]
 
 
-def test_upstream_answering_only_500_is_503_naming_it(server: Server) -> None:
+def test_upstream_answering_only_500_is_502_naming_it(server: Server) -> None:
     r = chat(server, "m@only500")
-    assert r.status_code == 503
+    assert r.status_code == 502
     msg = r.json()["error"]["message"]
-    assert "only500" in msg and "HTTP 500" in msg
+    assert "only500" in msg and "HTTP 500" in msg and "failed the request" in msg
+
+
+def test_a_request_every_replica_answers_500_ejects_none(server: Server, fakes: Fakes) -> None:
+    # llama-server answers 500 to a history its chat template rejects: the request is at fault, and one
+    # bad client must not take the pool out of rotation
+    r = httpx.post(server.v1 + "/chat/completions", timeout=30, json={"model": "m@twin", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]})
+    assert r.status_code == 502, r.text
+    msg = r.json()["error"]["message"]
+    assert msg.count("Conversation roles must alternate") == 2 and "the request is the cause" in msg, msg
+    status = {u["name"]: u for u in httpx.get(server.url + "/admin/upstreams", timeout=30).json()["upstreams"]}
+    assert [rep["healthy"] for rep in status["twin"]["replicas"]] == [True, True], status["twin"]
+    assert chat(server, "m@twin").status_code == 200
 
 
 def test_upstream_that_cannot_do_a_request_is_400_and_stays_in_rotation(server: Server, fakes: Fakes) -> None:

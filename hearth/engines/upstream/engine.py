@@ -124,6 +124,8 @@ class UpstreamEngine:
                 self._refresher = asyncio.ensure_future(self._refresh_loop())
         if self.managed is None and not self.cloud:
             self.pool.start_health_checks(self._probe_replica, self.cfg.health_interval)
+        elif self.cloud:  # no probes go to a cloud: an ejected replica gets a request again after a while
+            self.pool.probation = self.cfg.health_interval
 
     async def close(self) -> None:
         """Stop health checks, a managed child, and the connection pool."""
@@ -290,6 +292,7 @@ class UpstreamEngine:
         """POST to the least busy replica; fail over while nothing has been received."""
         tried: set[Replica] = set()
         errors: list[str] = []
+        answered: list[tuple[Replica, str]] = []  # replicas that answered 5xx: alive, maybe the request's fault
         rec = record.current()  # its id goes along: vLLM takes it as its own request id, logs can be joined
         tag = b"X-Request-Id: %s\r\n" % rec.request_id.encode() if rec is not None and rec.request_id else b""
         while (replica := self.pool.pick(tried)) is not None:
@@ -308,13 +311,23 @@ class UpstreamEngine:
                 self.pool.release(replica)
                 raise
             if resp.status < 400:
+                for bad, reason in answered:  # another replica could do it: those are at fault
+                    self.pool.failed(bad, reason)
                 return replica, resp
             self.pool.release(replica)
             message = await _error_text(resp)
             if resp.status >= 500 and not _unsupported(resp.status, message):  # no replica would do that
-                self._fail(replica, f"HTTP {resp.status}: {message}", errors)
+                reason = f"HTTP {resp.status}: {message}"
+                log.warning("upstream %s: %s failed the request: %s", self.name, replica.url, reason)
+                errors.append(f"{replica.url}: {reason}")
+                answered.append((replica, reason))
                 continue
             raise self._client_error(resp.status, message, resp.headers.get("retry-after"))
+        if answered:
+            # Every replica that was reached answered 5xx: llama-server does that for requests its chat
+            # template rejects. Ejecting them all would let one bad request take the pool out of rotation.
+            raise UpstreamError(f"upstream {self.name!r} failed the request: {'; '.join(errors)}; if every "
+                                "replica says the same, the request is the cause (see the message)")
         raise EngineUnavailable(
             f"upstream {self.name!r} is unavailable: {'; '.join(errors) or 'no replicas'}; "
             "check that it is running and its urls in hearth.toml",

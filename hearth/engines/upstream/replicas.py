@@ -1,9 +1,11 @@
 """Replicas of one upstream: least-outstanding-requests balancing and health.
 
-A replica that fails (refused connection, timeout, 5xx but 501) is ejected at once;
-active health checks re-admit it when it answers again. When every replica is
-ejected, requests still try them (a last resort that also notices recovery
-before the next health check).
+A replica that fails (refused connection, timeout) is ejected at once, and one
+that answers 5xx (but 501) when another replica then does the same request;
+active health checks re-admit it when it answers again (a cloud replica, which
+gets no health checks, is tried again after a probation period). When every
+replica is ejected, requests still try them (a last resort that also notices
+recovery before the next health check).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ReplicaPool:
         self.replicas = [Replica(url.rstrip("/")) for url in urls]
         self._turn = 0
         self._health: asyncio.Task[None] | None = None
+        self.probation = 0.0  # > 0: without health checks, an ejected replica is tried again after this long
 
     def pick(self, tried: set[Replica]) -> Replica | None:
         """The healthy untried replica with the fewest requests in flight.
@@ -54,7 +57,9 @@ class ReplicaPool:
         candidates = [r for r in self.replicas if r not in tried]
         if not candidates:
             return None
-        healthy = [r for r in candidates if r.healthy] or candidates
+        now = time.monotonic() if self.probation else 0.0
+        healthy = [r for r in candidates
+                   if r.healthy or (self.probation and now - r.ejected_at >= self.probation)] or candidates
         self._turn += 1
         n = len(healthy)
         best = healthy[self._turn % n]
@@ -87,7 +92,7 @@ class ReplicaPool:
         if replica.healthy:
             log.warning("upstream %s: replica %s ejected: %s", self.upstream, replica.url, reason)
             replica.healthy = False
-            replica.ejected_at = time.monotonic()
+        replica.ejected_at = time.monotonic()  # a failed retry on probation waits a whole period again
 
     def healthy_count(self) -> int:
         """How many replicas are in rotation."""
