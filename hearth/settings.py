@@ -94,7 +94,8 @@ class UpstreamEntry(BaseModel):
     drop_params: list[str] = Field(
         default_factory=list, description="Sampling parameters never forwarded to this upstream."
     )
-    health_interval: float = Field(5.0, gt=0, description="Seconds between health checks of each replica.")
+    health_interval: float = Field(5.0, gt=0, description="Seconds between health checks of each replica (cloud: "
+                                   "before an ejected replica is tried again, as it gets no checks).")
     refresh: float = Field(60.0, gt=0, description="Seconds between model list refreshes.")
     managed: ManagedUpstream | None = Field(None, description="Start this server on first use.")
 
