@@ -124,8 +124,15 @@ def test_tool_choice_is_passed_to_openai_upstreams_and_dropped_for_ollama(server
     assert sent["tool_choice"] == choice and sent["parallel_tool_calls"] is False
     oai(server).chat.completions.create(model="llamita:8b", messages=ASK, tools=TOOLS,  # type: ignore[arg-type]
                                         tool_choice="required")
-    assert "tool_choice" not in fakes.olla.bodies[-1]
+    assert "tool_choice" not in fakes.olla.bodies[-1] and len(fakes.olla.bodies[-1]["tools"]) == 2
     assert "does not support 'tool_choice'" in server.log()
+    # Ollama cannot force a call: "none" sends no tools, a named function only that one
+    oai(server).chat.completions.create(model="llamita:8b", messages=ASK, tools=TOOLS,  # type: ignore[arg-type]
+                                        tool_choice="none")
+    assert "tools" not in fakes.olla.bodies[-1]
+    oai(server).chat.completions.create(model="llamita:8b", messages=ASK, tools=TOOLS,  # type: ignore[arg-type]
+                                        tool_choice=choice)  # type: ignore[arg-type]
+    assert [t["function"]["name"] for t in fakes.olla.bodies[-1]["tools"]] == ["get_time"]
 
 
 def _history_openai() -> list[dict[str, Any]]:

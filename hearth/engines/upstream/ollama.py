@@ -68,10 +68,14 @@ class OllamaWire:
             path = "/api/chat"
             answered = tools.answered_calls(req.messages)
             body["messages"] = [self._message(m, answered.get(i)) for i, m in enumerate(req.messages)]
-            if req.tools:
-                body["tools"] = req.tools
-            if req.tool_choice not in (None, "auto"):
-                drop("tool_choice")  # Ollama lets the model decide
+            choice = req.tool_choice
+            if req.tools and choice != "none":  # Ollama has no tool_choice: "none" is sending no tools
+                named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+                # a named function: only that one is offered (Ollama cannot force the call itself)
+                body["tools"] = [t for t in req.tools if t.get("function", {}).get("name") == named] \
+                    if named else req.tools
+            if choice not in (None, "auto", "none"):
+                drop("tool_choice")  # "required" or a name: the model still decides whether to call
             if req.parallel_tool_calls is not None:
                 drop("parallel_tool_calls")
         else:
