@@ -47,6 +47,7 @@ class FakeUpstream:
         self.bodies: list[dict[str, Any]] = []
         self.request_ids: list[str | None] = []  # the X-Request-Id of each generation request
         self.loads: list[dict[str, Any]] = []  # Ollama load / unload requests (no prompt)
+        self.transports: list[Any] = []  # the connections generation requests came on
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -172,6 +173,8 @@ class FakeUpstream:
                                       "done_reason": "unload" if unload else "load"})
         self.requests += 1
         self.bodies.append(body)
+        if not any(request.transport is seen for seen in self.transports):
+            self.transports.append(request.transport)  # one per connection hearth opened
         self.request_ids.append(request.headers.get("X-Request-Id"))
         if self.delay:
             await asyncio.sleep(self.delay)

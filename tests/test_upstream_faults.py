@@ -204,6 +204,22 @@ def test_chat_streams_and_translates_usage(server: Server, fakes: Fakes) -> None
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
 
 
+def test_streams_from_an_upstream_reuse_its_connections(server: Server, fakes: Fakes) -> None:
+    # llama-server, vLLM and Ollama stream in chunked bodies: the last chunk comes after the end event
+    ask = [{"role": "user", "content": "hi"}]
+    for up, model in ((fakes.good, "m@good"), (fakes.olla, "llamita:8b@olla")):
+        c = client(server)
+        list(c.chat.completions.create(model=model, messages=ask, stream=True))  # type: ignore[arg-type]
+        time.sleep(0.1)
+        before = len(up.transports)
+        for stream in (True, False, True):  # hearth streams from upstreams either way
+            out = c.chat.completions.create(model=model, messages=ask, stream=stream)  # type: ignore
+            if stream:
+                list(out)  # type: ignore[arg-type]
+            time.sleep(0.1)  # the connection is back once the body's end has been read
+        assert len(up.transports) == before, f"{model}: each request opened a new connection"
+
+
 def test_completions_and_embeddings(server: Server, fakes: Fakes) -> None:
     c = client(server)
     out = c.completions.create(model="m@good", prompt="say", max_tokens=5)

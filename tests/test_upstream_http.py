@@ -100,6 +100,38 @@ def test_chunked_body_is_decoded_piece_by_piece() -> None:
     run(main())
 
 
+@pytest.mark.parametrize(("gap", "kept"), [(None, True), (0.05, True), (1.0, False)])
+def test_a_stream_ended_before_its_last_chunk_keeps_the_connection_once_it_arrives(
+        gap: float | None, kept: bool) -> None:
+    """The end event is read; the chunked body's terminator is already there, comes soon, or never
+    comes within the wait (then the connection is dropped, not reused half-read)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(reader)
+            piece = b"data: [DONE]\n\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(piece), piece))
+            if gap is not None:
+                await writer.drain()
+                await asyncio.sleep(gap)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def main() -> None:
+        server, url, _ = await serve(handler)
+        pool = Pool(connect_timeout=5)
+        resp = await pool.request("POST", url + "/s", b"{}")
+        assert await resp.readany() == b"data: [DONE]\n\n"  # what the stream parser stops at
+        first = resp.conn
+        resp.release_after_end(wait=0.3)
+        await asyncio.sleep(0.5)
+        again = await pool.request("POST", url + "/s", b"{}")
+        assert (again.conn is first) is kept
+        again.close()
+        await pool.close()
+        server.close()
+    run(main())
+
+
 def test_body_until_close_and_cut_bodies() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

@@ -168,7 +168,7 @@ class UpstreamGeneration:
         self._open = False
         self.dog.close()
         if self.parser.done or self.parser.finish:
-            self.resp.release()
+            self.resp.release_after_end()
         else:
             self.resp.close()
         self.engine.pool.release(self.replica)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 READ_SIZE = 65536
 MAX_HEAD = 65536
+END_WAIT = 2.0  # seconds a stream's end framing is awaited before its connection is dropped
 HIGH_WATER = 4 * READ_SIZE  # bytes buffered before the socket is paused (a slow consumer)
 
 
@@ -234,6 +236,30 @@ class Response:
         if conn is not None:
             conn.close()
 
+    def release_after_end(self, wait: float = END_WAIT) -> None:
+        """The stream's end event came: keep the connection once the rest of the body (a chunked
+        body's last chunk, llama-server's and vLLM's framing) is read. Usually it is here already;
+        else it is awaited in the background for up to `wait` seconds, then the connection dropped."""
+        conn = self.conn
+        if self.done or conn is None:
+            self.release()
+            return
+        if self.chunked and self.chunk_left == 0 and conn.buffer[:5] == b"0\r\n\r\n":
+            del conn.buffer[:5]
+            self.done = True
+            self.release()
+            return
+        self.pool.later(self._finish(wait))
+
+    async def _finish(self, wait: float) -> None:
+        try:
+            async with asyncio.timeout(wait):
+                await self.read()  # what follows the end event: framing, or a late usage event
+        except (TimeoutError, OSError, HTTPProtocolError):
+            self.close()
+            return
+        self.release()
+
 
 class Pool:
     """Keep-alive connections per origin; `request` sends one request and reads the head."""
@@ -245,6 +271,13 @@ class Pool:
         self._urls: dict[str, tuple[tuple[str, int, bool], str, bytes]] = {}
         self._heads: dict[tuple[str, str], tuple[Mapping[str, str] | None, tuple[str, int, bool], bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # background ends of streams (`release_after_end`)
+
+    def later(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background, held until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _split(self, url: str) -> tuple[tuple[str, int, bool], str, bytes]:
         """(origin, path with query, Host header) of a URL, cached."""
@@ -352,7 +385,10 @@ class Pool:
         return Response(self, origin, conn, status, headers, no_body)
 
     async def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (and stop waiting for the ends of streams)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for idle in self._idle.values():
             while idle:
                 idle.pop().close()
