@@ -159,6 +159,32 @@ def test_body_until_close_and_cut_bodies() -> None:
     run(main())
 
 
+def test_repeated_content_length_counts_once_and_a_conflicting_one_is_a_protocol_error() -> None:
+    closed: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        second = b"2" if n == 1 else b"3"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: %s\r\n\r\nok" % second)
+        await writer.drain()
+        if not await reader.read():  # hearth hung up
+            closed.append(n)
+
+    async def main() -> None:
+        server, url, _ = await serve(handler)
+        pool = Pool(connect_timeout=5)
+        resp = await pool.request("POST", url + "/x", b"{}")
+        assert await resp.read() == b"ok"  # "2, 2": RFC 9110 allows identical repeats
+        resp.close()
+        with pytest.raises(HTTPProtocolError, match="bad Content-Length"):
+            await pool.request("POST", url + "/x", b"{}")
+        await asyncio.sleep(0.1)
+        assert 2 in closed  # the connection is not left open
+        await pool.close()
+        server.close()
+    run(main())
+
+
 def test_stale_keep_alive_connection_is_retried_on_a_fresh_one() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)

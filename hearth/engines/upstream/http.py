@@ -156,7 +156,7 @@ class Response:
         self.headers = headers
         self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = headers.get("content-length")
-        self.left = 0 if no_body else (int(length) if length is not None and not self.chunked else -1)
+        self.left = 0 if no_body else (content_length(length) if length is not None and not self.chunked else -1)
         self.keep = headers.get("connection", "").lower() != "close" and (self.chunked or self.left >= 0)
         self.chunk_left = 0
         self.done = self.left == 0
@@ -378,11 +378,11 @@ class Pool:
             status, headers = parse_head(raw)
             while 100 <= status < 200:  # 100 Continue and friends: the real answer follows
                 status, headers = parse_head(await conn.read_until(b"\r\n\r\n", MAX_HEAD))
+            no_body = method == "HEAD" or status in (204, 304)
+            return Response(self, origin, conn, status, headers, no_body)
         except BaseException:
             conn.close()
             raise
-        no_body = method == "HEAD" or status in (204, 304)
-        return Response(self, origin, conn, status, headers, no_body)
 
     async def close(self) -> None:
         """Close every idle connection (and stop waiting for the ends of streams)."""
@@ -393,6 +393,14 @@ class Pool:
             while idle:
                 idle.pop().close()
         self._idle.clear()
+
+
+def content_length(value: str) -> int:
+    """A Content-Length value; repeats that agree ("12, 12", as RFC 9110 allows) count once."""
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1 or not (only := values.pop()).isdigit():
+        raise HTTPProtocolError(f"bad Content-Length in the response: {value[:80]!r}")
+    return int(only)
 
 
 def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
