@@ -462,6 +462,15 @@ def test_down_upstream_is_503_naming_it(server: Server) -> None:
         assert ("'down'" if model == "m@down" else "'down2'") in r.json()["error"]["message"]
 
 
+def test_an_unknown_model_while_an_upstream_is_down(server: Server) -> None:
+    # it may be one of the down upstream's models: 503 (retry later), with what is served meanwhile
+    r = chat(server, "llama3.1:70b")
+    assert r.status_code == 503 and "models are unknown" in r.text and "served now:" in r.text, r.text
+    # a near miss of a served name is a typo: 404 naming the model meant, not "retry in 5 s"
+    r = chat(server, "llamita:9b")
+    assert r.status_code == 404 and "did you mean 'llamita:8b'?" in r.json()["error"]["message"], r.text
+
+
 def failures_counted(server: Server) -> float:
     """hearth_requests_total of chat requests that ended in a 502, from /metrics."""
     text = httpx.get(server.url + "/metrics", timeout=30).text

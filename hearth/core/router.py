@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 
 from hearth.core.engine import Engine
@@ -128,16 +129,20 @@ class Router:
 
     def _raise_missing(self, wanted: str, target: str) -> None:
         down = self._down(target)
-        if down:
+        names = sorted(self._table) + sorted(self.aliases)
+        # a near miss of a served name is a typo, not a model of the upstream that is down
+        near = [] if "@" in target else difflib.get_close_matches(wanted, names, n=1, cutoff=0.8)
+        if down and not near:
             name, reason = down[0]
             raise EngineUnavailable(
-                f"model {wanted!r} is not available: upstream {name!r} is unreachable ({reason}); "
-                "start it or check its urls in hearth.toml",
+                f"model {wanted!r} is not available: upstream {name!r} is unreachable ({reason}), so its "
+                f"models are unknown; start it or check its urls in hearth.toml (served now: "
+                f"{', '.join(names) or 'none'})",
                 retry_after=5,
             )
-        names = sorted(self._table) + sorted(self.aliases)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
         raise NotFound(
-            f"model {wanted!r} does not exist; available: {', '.join(names) or 'none'}",
+            f"model {wanted!r} does not exist{hint}; available: {', '.join(names) or 'none'}",
             param="model",
         )
 
