@@ -9,7 +9,8 @@ without `--embeddings` and Ollama for a chat-only model do), tools (a request wi
 in `CALLS` back, as OpenAI deltas in pieces or as whole Ollama calls; with
 `bad_args` the arguments are not a JSON object). A request for logprobs gets
 each piece as one token with logprob -0.5 and the alternatives asked for;
-`think` sends the reasoning in `THOUGHTS` before the answer; a prompt longer than `CONTEXT` characters
+`think` sends the reasoning in `THOUGHTS` before the answer; `refuse` declines a chat in `REFUSAL`
+pieces, as OpenAI does; a prompt longer than `CONTEXT` characters
 gets the 400 each server sends for it, and two user turns in a row the 500 llama-server sends for them. `delay` slows every answer; `requests` counts
 generation calls; `bodies` keeps the JSON bodies received.
 """
@@ -26,6 +27,7 @@ from aiohttp import web
 
 PIECES = ["Hello", " from", " upstream"]
 THOUGHTS = ["Let me", " think."]
+REFUSAL = ["I'm sorry,", " I cannot help with that."]
 CONTEXT = 2000
 CALLS = [("get_weather", {"city": "Tokyo", "unit": "c"}), ("get_time", {"zone": "JST"})]
 
@@ -209,6 +211,13 @@ class FakeUpstream:
         if self.mode in ("tools", "bad_args") and body.get("tools"):
             for piece in self._tool_pieces():
                 await resp.write(piece)
+            return resp
+        if self.mode == "refuse" and chat and self.kind == "openai":  # as OpenAI declines, in pieces
+            for piece in REFUSAL:
+                event = {"id": "x", "choices": [{"index": 0, "delta": {"content": None, "refusal": piece},
+                                                 "finish_reason": None}]}
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await resp.write(self._end(chat, len(REFUSAL), "stop"))
             return resp
         if self.mode == "think":
             for thought in THOUGHTS:

@@ -64,7 +64,7 @@ class Observed:
         if self._it is None:
             self._it = aiter(self.gen)
         chunk = await anext(self._it)
-        if chunk.text or chunk.tool_calls or chunk.thinking:
+        if chunk.text or chunk.tool_calls or chunk.thinking or chunk.refusal:
             record.note_first_token()
         if chunk.usage is not None:
             u = chunk.usage
@@ -150,6 +150,7 @@ class Result:
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     thinking: str = ""
+    refusal: str = ""
 
 
 async def collect(gen: Generation, req: GenerateRequest) -> Result:
@@ -158,6 +159,7 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
     calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] = []
     thinking: list[str] = []
+    refusal = ""
     finish = "stop"
     usage = Usage(prompt_tokens=gen.prompt_tokens)
     try:
@@ -168,6 +170,7 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
             logprobs.extend(chunk.logprobs)
             if chunk.thinking:
                 thinking.append(chunk.thinking)
+            refusal += chunk.refusal
             if chunk.finish_reason:
                 finish = chunk.finish_reason
             if chunk.usage:
@@ -175,10 +178,10 @@ async def collect(gen: Generation, req: GenerateRequest) -> Result:
     finally:
         await gen.aclose()
     text = "".join(parts)
-    if not calls:
+    if not calls and not refusal:
         validate_output(text, req.response_format, finish)
     return Result(text=text, finish_reason=finish, usage=usage, tool_calls=calls, logprobs=logprobs,
-                  thinking="".join(thinking))
+                  thinking="".join(thinking), refusal=refusal)
 
 
 async def collect_all(gens: list[Generation], req: GenerateRequest) -> list[Result]:

@@ -139,7 +139,8 @@ class Chunk:
 
     `tool_calls` are whole calls (never argument fragments). `logprobs` (when
     asked for) are those of the tokens whose text is in this chunk. `thinking`
-    is reasoning text a thinking model sends apart from its answer.
+    is reasoning text a thinking model sends apart from its answer; `refusal` a
+    cloud model's reason for not answering (it comes whole, in the last chunk).
     """
 
     text: str = ""
@@ -148,6 +149,7 @@ class Chunk:
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     thinking: str = ""  # a thinking model's reasoning, apart from the answer
+    refusal: str = ""  # why the model declined to answer (OpenAI's `refusal`), in place of the answer
 
 
 @dataclass(slots=True)

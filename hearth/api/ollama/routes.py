@@ -91,7 +91,8 @@ async def _serve(request: Request, kind: str, wire: w.GenerationFields, req: Gen
                       {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     result = await until_disconnect(request, serving.collect(gen, req))
     total = time.perf_counter_ns() - t0
-    return JSONResponse(convert.final_body(kind, wire.model, _created_at(), result.text, result.finish_reason,
+    return JSONResponse(convert.final_body(kind, wire.model, _created_at(), result.text + result.refusal,
+                                           result.finish_reason,
                                            result.usage, total, result.tool_calls,
                                            result.logprobs if req.logprobs is not None else None, result.thinking))
 
@@ -113,6 +114,7 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
     check = req.response_format.type != "text"
     parts: list[str] = []
     calls = 0
+    refused = False
     finish: str | None = None
     usage = Usage(prompt_tokens=gen.prompt_tokens)
     try:
@@ -124,6 +126,9 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
                 if check:
                     parts.append(chunk.text)
                 yield ndjson(convert.chunk_body(kind, name, _created_at(), chunk.text, logprobs=logprobs))
+            if chunk.refusal:  # Ollama has no refusal field: the reason is the answer
+                refused = True
+                yield ndjson(convert.chunk_body(kind, name, _created_at(), chunk.refusal))
             if chunk.tool_calls:
                 yield ndjson(convert.chunk_body(kind, name, _created_at(), "", chunk.tool_calls, calls,
                                                 logprobs=logprobs if not chunk.text else ()))
@@ -131,7 +136,7 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
             if chunk.finish_reason:
                 finish = chunk.finish_reason
                 usage = chunk.usage or usage
-        if not calls:
+        if not calls and not refused:
             validate_output("".join(parts), req.response_format, finish)
         yield LastPiece(ndjson(convert.final_body(kind, name, _created_at(), "", finish, usage,
                                                   time.perf_counter_ns() - t0)))

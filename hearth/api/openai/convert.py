@@ -249,10 +249,11 @@ def tool_call_body(call: ToolCall, index: int | None = None) -> dict[str, Any]:
 
 
 def chat_choice(index: int, text: str, finish: str | None, calls: list[ToolCall] | None = None,
-                logprobs: list[TokenLogprob] | None = None, thinking: str = "") -> dict[str, Any]:
-    """One non-streamed chat choice (content is null when the model only called tools, as OpenAI does;
-    a thinking model's reasoning is `reasoning_content`, as vLLM and DeepSeek send it)."""
-    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+                logprobs: list[TokenLogprob] | None = None, thinking: str = "", refusal: str = "") -> dict[str, Any]:
+    """One non-streamed chat choice (content is null when the model only called tools or refused, as
+    OpenAI does; a thinking model's reasoning is `reasoning_content`, as vLLM and DeepSeek send it)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not refusal else None,
+                               "refusal": refusal or None, "annotations": []}
     if thinking:
         message["reasoning_content"] = thinking
     if calls:

@@ -62,8 +62,8 @@ async def chat_completions(request: Request) -> Response:
         return _stream_response(ChatStream(rid, name, gens, req, include_usage))
     results = await until_disconnect(request, serving.collect_all(gens, req))
     lp = req.logprobs is not None
-    choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls, r.logprobs if lp else None, r.thinking)
-               for i, r in enumerate(results)]
+    choices = [convert.chat_choice(i, r.text, r.finish_reason, r.tool_calls, r.logprobs if lp else None, r.thinking,
+                                   r.refusal) for i, r in enumerate(results)]
     return JSONResponse(convert.chat_response(rid, name, choices, serving.total_usage(results)))
 
 
@@ -140,11 +140,13 @@ class ChatStream:
             deltas = [convert.tool_call_body(c, self.calls[i] + k) for k, c in enumerate(chunk.tool_calls)]
             self.calls[i] += len(deltas)
             out.append(chunks.event(i, {"tool_calls": deltas}, None, None if chunk.text else logprobs))
+        if chunk.refusal:
+            out.append(chunks.event(i, {"refusal": chunk.refusal}, None))
         if chunk.finish_reason:
             if chunk.usage:
                 self.usages[i] = chunk.usage
             out.append(chunks.event(i, {}, chunk.finish_reason))
-            if not self.calls[i]:
+            if not self.calls[i] and not chunk.refusal:
                 validate_output(self.texts[i], req.response_format, chunk.finish_reason)
 
     async def aclose(self) -> None:

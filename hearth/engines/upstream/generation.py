@@ -89,7 +89,8 @@ class UpstreamGeneration:
         finish = parser.finish or "stop"
         if calls and finish == "stop":  # Ollama says "stop" after tool calls; OpenAI clients look for this
             finish = "tool_calls"
-        if not calls:
+        refusal = "".join(parser.refusal)
+        if not calls and not refusal:  # a refusal is no output to check against the schema
             self._check_format("".join(self._texts), finish)
         usage = parser.final_usage()
         usage.total_ns = usage.total_ns or time.perf_counter_ns() - self._t0
@@ -97,7 +98,8 @@ class UpstreamGeneration:
             log.warning("upstream %r sent no logprobs for %s (it may not support them)", eng.name, self.model)
         eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
         chunk = Chunk(text=text, finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
-                      logprobs=parser.take_logprobs(self.req.logprobs), thinking=parser.take_thinking())
+                      logprobs=parser.take_logprobs(self.req.logprobs), thinking=parser.take_thinking(),
+                      refusal=refusal)
         self._release()
         return chunk
 

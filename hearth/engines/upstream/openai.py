@@ -216,6 +216,8 @@ class SSEParser(StreamParser):
             return choice.get("text") or ""
         delta = choice.get("delta") or {}
         if delta.keys() <= PLAIN_DELTA:  # the usual chunk: no reasoning, no tool calls to look for
+            if delta.get("refusal"):  # OpenAI declining (structured outputs): not the answer's text
+                self.refusal.append(delta["refusal"])
             return delta.get("content") or ""
         thinking = delta.get("reasoning_content") or delta.get("reasoning")  # vLLM/llama-server/DeepSeek; newer vLLM
         if thinking:

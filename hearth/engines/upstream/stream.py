@@ -29,6 +29,7 @@ class StreamParser:
         self.logprobs: list[TokenLogprob] = []  # of text not handed out yet
         self.logprobs_seen = False
         self.thinking: list[str] = []  # reasoning text not handed out yet
+        self.refusal: list[str] = []  # a refusal's pieces (handed out whole, at the end)
 
     def payload(self, line: bytes) -> bytes | None:
         """The JSON of one line; None for lines without one (may set `done`)."""
