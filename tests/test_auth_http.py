@@ -129,6 +129,11 @@ def test_model_patterns_give_403_naming_the_model(server: Server) -> None:
     with pytest.raises(ollama.ResponseError) as oexc:
         oll(server, secret).chat(model="fake", messages=ASK)
     assert oexc.value.status_code == 403 and "fake" in oexc.value.error
+    # a `name` beside no `model`: the route serves the default model, so that is what is checked
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        r = httpx.post(server.url + path, headers={"Authorization": f"Bearer {secret}"},
+                       json={"name": "qwen2", "messages": ASK, "input": "x"})
+        assert r.status_code == 403 and "'fake:latest'" in r.json()["error"]["message"], (path, r.text)
     wide = new_key(server.home, "wide", "--models", "fake*")
     assert chat(server, wide, model="fake")
     assert chat(server, wide, model="main")  # an alias counts by its target (fake:latest here)

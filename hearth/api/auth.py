@@ -66,6 +66,7 @@ OPEN_PATHS = frozenset({"/", "/health", "/ready", "/favicon.ico"})
 OPEN_PREFIXES = ("/ui/",)
 ADMIN_PATHS = frozenset({"/metrics", "/api/pull", "/api/delete", "/api/create", "/api/copy", "/api/push"})
 ADMIN_PREFIXES = ("/admin/",)
+NAME_PATHS = frozenset({"/api/show", "/api/pull", "/api/delete", "/api/push"})  # `model`, or older `name`
 LOOPBACK_CLIENTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 NO_RECORD_PATHS = frozenset({"/metrics"})
 STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson")
@@ -245,7 +246,12 @@ class Security:
             return _NO_MODEL, receive  # the route answers 400 for bad JSON
         if not isinstance(data, dict):
             return _NO_MODEL, receive
-        name = data.get("model") or data.get("name")
+        # exactly the field the route will use: only Ollama's show (and the admin-only store routes)
+        # fall back to `name`; elsewhere a `name` beside a missing `model` must not stand for the model
+        # (the route would serve the default model while the check looked at `name`)
+        name = data.get("model")
+        if not name and path in NAME_PATHS:
+            name = data.get("name")
         if name is not None and not isinstance(name, str):
             raise BadRequest(f"field 'model' must be a string, got {type(name).__name__}", param="model")
         return name, receive
