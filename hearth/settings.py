@@ -331,6 +331,22 @@ def _table_type(annotation: Any) -> Any:
     return None
 
 
+INBOX_ENGINES = frozenset({"local", "fake"})  # engine names taken by hearth's own engines
+
+
+def _check_managed(where: str, m: ManagedUpstream) -> None:
+    """A managed command that could never become ready, caught before the first request waits for it."""
+    joined = " ".join(m.command)
+    if "{port}" not in joined:
+        raise SettingsError(f"{where}.managed: command has no {{port}}; hearth picks a free port and probes it, "
+                            'so pass it on, e.g. "--port", "{port}"')
+    if "{model_path}" in joined and m.model_path is None:
+        raise SettingsError(f"{where}.managed: command uses {{model_path}} but model_path is not set; "
+                            'add model_path = "/path/to/model.gguf"')
+    if m.ready_path is not None and not m.ready_path.startswith("/"):
+        raise SettingsError(f"{where}.managed: ready_path {m.ready_path!r} must start with '/' (e.g. \"/health\")")
+
+
 def check_upstreams(settings: Settings) -> None:
     """Refuse upstreams and aliases that cannot work, one readable line each."""
     from hearth.core.privacy import is_cloud_url
@@ -339,6 +355,10 @@ def check_upstreams(settings: Settings) -> None:
         where = f"[upstreams.{name}]"
         if "@" in name or ":" in name:
             raise SettingsError(f"{where}: upstream names may not contain '@' or ':'; rename it")
+        if name in INBOX_ENGINES:
+            raise SettingsError(f"{where}: {name!r} is the in-box engine's name (as in model@{name}); rename it")
+        if up.managed is not None:
+            _check_managed(where, up.managed)
         if not up.urls and up.managed is None:
             raise SettingsError(f"{where} has no urls; add urls = [\"http://host:port\"] or a managed command")
         if up.urls and up.managed is not None:
@@ -369,6 +389,8 @@ def check_upstreams(settings: Settings) -> None:
         if not model:
             continue
         named = settings.upstreams.get(upstream)
+        if named is None and upstream in INBOX_ENGINES:
+            continue  # model@local: the in-box engine, checked by the router at startup
         if named is None:
             known = ", ".join(sorted(settings.upstreams)) or "none declared"
             raise SettingsError(f"alias {alias!r} points to {target!r}, but there is no upstream {upstream!r} "

@@ -9,13 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from hearth.core.privacy import is_cloud_url
-from tests.conftest import free_port, start_server, stop_server
+from tests.conftest import Server, free_port, start_server, stop_server
 
 LOCAL = "http://127.0.0.1:9"  # discard port: nothing answers, nothing leaves the box
 
@@ -113,6 +114,9 @@ def test_managed_needs_models(tmp_path: Path) -> None:
         ("http://gpu-box:8000", False), ("http://gpu.lan", False), ("http://nas.local:8080", False),
         ("https://api.openai.com", True), ("http://8.8.8.8", True), ("https://example.com:443", True),
         ("http://[2001:4860::1]", True),
+        # numbers the resolver reads as IPv4 (8.8.8.8, 127.0.0.1, 10.0.0.1 as 8.0.0.1 in octal)
+        ("http://134744072", True), ("http://0x08080808", True), ("http://8.8.2056", True),
+        ("http://2130706433", False), ("http://010.0.0.1", True), ("http://10.1", False),
     ],
 )
 def test_cloud_classification(url: str, cloud: bool) -> None:
@@ -187,5 +191,86 @@ def test_a_managed_upstream_whose_port_was_taken_meanwhile_starts_on_another(tmp
                        json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code != 503, r.text
         assert "was taken meanwhile; trying another" in server.log() and "is ready at" in server.log()
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize(("table", "said"), [
+    ('[upstreams.ls]\nkind = "openai"\nmodels = ["m"]\nmanaged = { command = ["llama-server", "--port", "8080"] }\n',
+     "command has no {port}"),
+    ('[upstreams.ls]\nkind = "openai"\nmodels = ["m"]\n'
+     'managed = { command = ["llama-server", "-m", "{model_path}", "--port", "{port}"] }\n',
+     "model_path is not set"),
+    ('[upstreams.ls]\nkind = "openai"\nmodels = ["m"]\n'
+     'managed = { command = ["llama-server", "--port", "{port}"], ready_path = "health" }\n',
+     "must start with '/'"),
+    (f'[upstreams.local]\nkind = "openai"\nurls = ["{LOCAL}"]\n', "the in-box engine's name"),
+])
+def test_a_managed_or_named_upstream_that_cannot_work_is_refused_at_startup(
+        tmp_path: Path, table: str, said: str) -> None:
+    line = one_error_line(serve_with(tmp_path, table))
+    assert said in line, line
+
+
+def test_an_alias_may_name_the_in_box_engine(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "hearth.toml").write_text('[aliases]\nfast = "fake@fake"\n')
+    server = start_server(home, "--fake", timeout=30)
+    try:
+        r = httpx.post(server.v1 + "/chat/completions", timeout=30,
+                       json={"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        stop_server(server)
+
+
+def managed_server(tmp_path: Path, script: str, extra: str = "") -> Server:
+    """`hearth serve --fake` with a managed upstream `ls` (model "x") running `script` (argv[1]: port)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    argv = ", ".join(json.dumps(a) for a in [sys.executable, "-c", script, "{port}"])
+    (home / "hearth.toml").write_text(f'[upstreams.ls]\nkind = "openai"\nmodels = ["x"]\n'
+                                      f'managed = {{ command = [{argv}], ready_path = "/"{extra} }}\n')
+    return start_server(home, "--fake", timeout=30)
+
+
+def test_a_client_leaving_while_the_child_starts_leaves_no_child_behind(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+    server = managed_server(tmp_path, script)
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the child never gets ready; the client gives up
+            httpx.post(server.v1 + "/embeddings", json={"model": "x", "input": "a"}, timeout=1.5)
+        pid = int(pid_file.read_text())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.1)
+        assert not alive(pid), "the child of an abandoned start is still running"
+    finally:
+        stop_server(server)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_a_child_log_line_without_an_end_does_not_stall_it(tmp_path: Path) -> None:
+    # a progress bar redrawn with \r never prints a newline; the pipe must keep being read
+    script = ("import sys, http.server\nfor i in range(4000):\n    sys.stdout.write(f'\\rloading {i:06d} ' + 'x' * 40)\n"
+              "sys.stdout.flush()\nprint('listening', flush=True)\n"
+              "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), "
+              "http.server.SimpleHTTPRequestHandler).serve_forever()\n")
+    server = managed_server(tmp_path, script, ', startup_timeout = 20')
+    try:
+        r = httpx.post(server.v1 + "/chat/completions", timeout=40,
+                       json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code != 503, r.text  # it became ready (it answers no chat: a plain file server)
+        assert "loading 003999" in server.log() and "listening" in server.log()
     finally:
         stop_server(server)

@@ -12,8 +12,11 @@ machine with a public-looking DNS name should be configured by its IP address.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from urllib.parse import urlsplit
 
+NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}")
 LOCAL_SUFFIXES = (".localhost", ".local", ".lan", ".internal", ".home.arpa", ".localdomain")
 
 
@@ -30,7 +33,13 @@ def is_local_host(host: str) -> bool:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        return host == "localhost" or "." not in host or host.endswith(LOCAL_SUFFIXES)
+        if NUMERIC_HOST.fullmatch(host):  # 134744072, 0x08080808, 8.8.2056: the resolver reads IPv4 here
+            try:
+                addr = ipaddress.IPv4Address(socket.inet_aton(host))
+            except OSError:
+                return False  # numbers the resolver would not take: not known to be local
+        else:
+            return host == "localhost" or "." not in host or host.endswith(LOCAL_SUFFIXES)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback or addr.is_private or addr.is_link_local

@@ -33,7 +33,7 @@ def outbound_hosts(settings: Settings, keys: KeyStore) -> list[dict[str, Any]]:
             hosts.append({"purpose": f"upstream {name} (managed, started by hearth)", "host": "127.0.0.1",
                           "url": None, "cloud": False, "keys": everyone})
         for url in urls:
-            cloud = is_cloud_url(url)
+            cloud = is_cloud_url(url) or bool(getattr(up, "cloud", False))  # declared cloud: treated as one
             hosts.append({"purpose": f"upstream {name} ({getattr(up, 'kind', '?')})", "host": url_host(url),
                           "url": url, "cloud": cloud, "keys": cloud_keys if cloud else everyone})
     for purpose, url in pull_sources(settings):

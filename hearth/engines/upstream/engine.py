@@ -262,7 +262,7 @@ class UpstreamEngine:
             async with asyncio.timeout(self.cfg.timeouts.connect):
                 status, _ = await self._get(url)
                 return status == 200
-        except RETRYABLE:
+        except (ValueError, *RETRYABLE):  # ValueError: a URL the client cannot use (settings catch most)
             return False
 
     async def _probe_replica(self, replica: Replica) -> None:
@@ -519,7 +519,7 @@ class UpstreamEngine:
     async def unload(self, model: ModelInfo) -> None:
         """Stop a managed child now, or have every replica of an Ollama upstream unload the model."""
         if self.managed is not None:
-            await self.managed.stop()
+            await self.managed.stop_when_idle()  # other clients' requests finish first
         elif isinstance(self.wire, OllamaWire):
             body = self.wire.load_body(self._upstream_model(model), 0)
             await asyncio.gather(*(self._unload_at(r.url, body) for r in self.pool.replicas))

@@ -2,8 +2,8 @@
 
 The command (e.g. `llama-cpp-server -m {model_path} --port {port}` or
 `vllm serve ... --port {port}`) runs on a free loopback port; its output goes
-to hearth's log; it is restarted if it dies while in use and stopped after its
-keep-alive of idleness.
+to hearth's log; it is restarted if it dies (its idle time still counting from the last
+request) and stopped after its keep-alive of idleness.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def die_with_parent() -> None:
 
 log = logging.getLogger("hearth.upstream.managed")
 MAX_RESTARTS = 5  # within RESTART_WINDOW seconds; then wait for the next request
-RESTART_WINDOW = 60.0
+RESTART_WINDOW = 600.0  # wide enough to catch a server that crashes minutes after loading its model
+MAX_LOG_LINE = 8192  # characters of one child log line kept
 
 ReadyProbe = Callable[[str], Awaitable[bool]]
 
@@ -107,9 +108,11 @@ class ManagedServer:
         self.last_used = time.monotonic()
         self._poke.set()
 
-    async def ensure(self) -> str:
-        """The base URL of the running server, starting it first if needed."""
-        self.last_used = time.monotonic()
+    async def ensure(self, touch: bool = True) -> str:
+        """The base URL of the running server, starting it first if needed (`touch`: a request
+        wants it, so its idle time starts over; a restart after a crash does not)."""
+        if touch:
+            self.last_used = time.monotonic()
         if self.running:
             return self.url  # type: ignore[return-value]
         async with self._lock:
@@ -123,7 +126,8 @@ class ManagedServer:
                     log.info("managed upstream %s: port %d was taken meanwhile; trying another", self.name,
                              self.port)
                     await self._start()
-        self.last_used = time.monotonic()
+        if touch:
+            self.last_used = time.monotonic()
         return self.url  # type: ignore[return-value]
 
     async def _start(self) -> None:
@@ -145,7 +149,11 @@ class ManagedServer:
         self._stopping = False
         self.tail.clear()
         self._spawn(self._pump_log(self.proc))
-        await self._wait_ready(self.proc, f"http://127.0.0.1:{self.port}")
+        try:
+            await self._wait_ready(self.proc, f"http://127.0.0.1:{self.port}")
+        except BaseException:  # cancelled (the client left) or failed: no child may outlive its start
+            await asyncio.shield(self._kill(self.proc))
+            raise
         self.started_at = time.time()
         self._spawn(self._watch(self.proc))
         self._spawn(self._reaper(self.proc))
@@ -183,14 +191,21 @@ class ManagedServer:
     async def _pump_log(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         child_log = logging.getLogger(f"hearth.upstream.{self.name}")
+        rest = b""
         while True:
-            line = await proc.stdout.readline()
-            if not line:
+            data = await proc.stdout.read(65536)  # not readline(): a progress bar redrawn with \r never ends
+            lines = (rest + data).replace(b"\r", b"\n").split(b"\n")
+            rest = lines.pop() if data else b""
+            if len(rest) > MAX_LOG_LINE:  # a line without an end: logged in pieces, never held whole
+                lines.append(rest)
+                rest = b""
+            for line in lines:
+                text = line.decode(errors="replace").rstrip()
+                if text:
+                    self.tail.append(text[:MAX_LOG_LINE])
+                    child_log.info("%s", text[:MAX_LOG_LINE])
+            if not data:
                 return
-            text = line.decode(errors="replace").rstrip()
-            if text:
-                self.tail.append(text)
-                child_log.info("%s", text)
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -212,7 +227,7 @@ class ManagedServer:
         if self.url is None and not self._stopping:
             log.info("restarting managed upstream %s", self.name)
             try:
-                await self.ensure()
+                await self.ensure(touch=False)
             except EngineUnavailable as exc:
                 log.error("%s", exc.message)
 
@@ -227,6 +242,14 @@ class ManagedServer:
                 log.info("managed upstream %s idle for %.0fs (keep_alive); stopping it", self.name, idle)
                 await self.stop()
                 return
+
+    async def stop_when_idle(self) -> None:
+        """Stop the child once the requests it is serving end (an unload with keep_alive 0)."""
+        if self.busy == 0:
+            await self.stop()
+            return
+        self.keep(0.0)  # the reaper stops it when the last request ends
+        self._poke.set()
 
     async def stop(self) -> None:
         """Stop the child now (it starts again on the next request)."""
