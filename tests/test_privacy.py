@@ -233,6 +233,18 @@ def test_privacy_report_says_who_on_this_machine_reaches_a_cloud_without_a_key(
     assert ("any client on this machine may, without a key" in table) is bool(who), table
 
 
+def test_a_declared_cloud_on_a_loopback_url_is_reported_as_cloud(tmp_path: Path) -> None:
+    # e.g. a LiteLLM proxy on this machine in front of a cloud API: the owner said cloud, so it is one
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "hearth.toml").write_text('[upstreams.proxy]\nkind = "openai"\nurls = ["http://127.0.0.1:4000"]\n'
+                                      'cloud = true\nmodels = ["g"]\n')
+    subprocess.run([sys.executable, "-m", "hearth", "keys", "create", "app"], env=cli_env(home), check=True,
+                   capture_output=True, timeout=60)
+    [proxy] = [h for h in privacy_json(home)["outbound"] if "proxy" in h["purpose"]]  # type: ignore[attr-defined]
+    assert proxy["cloud"] is True and proxy["keys"] == []  # no --allow-cloud key exists
+
+
 def test_privacy_report_lists_hosts_cloud_keys_and_cloud_calls(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

@@ -274,3 +274,44 @@ def test_a_child_log_line_without_an_end_does_not_stall_it(tmp_path: Path) -> No
         assert "loading 003999" in server.log() and "listening" in server.log()
     finally:
         stop_server(server)
+
+
+SLOW_SSE = '''import sys, time, json, http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        for word in ["slow", " and", " steady"]:
+            time.sleep(0.7)
+            delta = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            self.wfile.write(b"data: " + json.dumps(delta).encode() + b"\\n\\n"); self.wfile.flush()
+        end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        self.wfile.write(b"data: " + json.dumps(end).encode() + b"\\n\\ndata: [DONE]\\n\\n")
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+'''
+
+
+def test_an_unload_waits_for_the_requests_the_child_is_serving(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    server = managed_server(tmp_path, SLOW_SSE)
+    try:
+        ask = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, server.v1 + "/chat/completions", json=ask, timeout=30)
+            deadline = time.monotonic() + 20
+            while "is ready at" not in server.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.3)  # the stream has begun
+            unload = httpx.post(server.url + "/api/generate", json={"model": "x", "keep_alive": 0}, timeout=30)
+            assert unload.status_code == 200 and unload.json()["done_reason"] == "unload", unload.text
+            r = answer.result()
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "slow and steady", r.text
+        deadline = time.monotonic() + 10  # and then it is stopped
+        while time.monotonic() < deadline and "x" in [m["name"] for m in httpx.get(server.url + "/api/ps").json()["models"]]:
+            time.sleep(0.1)
+        assert "x" not in [m["name"] for m in httpx.get(server.url + "/api/ps").json()["models"]]
+    finally:
+        stop_server(server)
