@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import ollama
 import pytest
 
 from tests.conftest import Server, start_server, stop_server
@@ -200,6 +201,21 @@ def test_negative_keep_alive_keeps_forever_and_zero_unloads_after_request(http: 
                                        "options": {"num_predict": 2}})
     assert out.json()["done_reason"] == "length"
     assert "fake:latest" not in ps(http)
+
+
+@pytest.mark.parametrize("forever", ["inf", 1e300, 1e12])
+def test_an_endless_keep_alive_is_forever_and_api_ps_still_answers(http: httpx.Client, server: Server,
+                                                                   forever: object) -> None:
+    http.post("/api/chat", json={"model": "fake", "messages": USER, "keep_alive": forever, "stream": False})
+    assert datetime.fromisoformat(ps(http)["fake:latest"]["expires_at"]).year > 2200
+    assert "fake:latest" in [m.model for m in ollama.Client(host=server.url).ps().models]  # the client parses it
+
+
+def test_null_stream_and_raw_mean_their_defaults(http: httpx.Client) -> None:
+    streamed = lines(http.post("/api/chat", json={"model": "fake", "messages": USER, "stream": None}))
+    assert len(streamed) > 1 and streamed[-1]["done"] is True  # Ollama reads a null stream as true
+    r = http.post("/api/generate", json={"model": "fake", "prompt": "hi", "raw": None, "stream": False})
+    assert r.status_code == 200 and r.json()["done"] is True, r.text
 
 
 def test_bad_keep_alive_is_a_400(http: httpx.Client) -> None:

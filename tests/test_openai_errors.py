@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +150,31 @@ def test_mid_stream_error_is_an_sse_error_event(server: Server) -> None:
         for _ in stream:
             pass
     assert "mid-stream" in str(exc.value)
+
+
+def test_a_crash_mid_stream_is_an_sse_error_event_not_a_cut(server: Server) -> None:
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    for stream in (client.chat.completions.create(model="fake", messages=[
+                       {"role": "user", "content": "CRASH_MIDSTREAM"}], stream=True, max_tokens=10),
+                   client.completions.create(model="fake", prompt="CRASH_MIDSTREAM", stream=True, max_tokens=10)):
+        with pytest.raises(openai.APIError) as exc:
+            for _ in stream:  # type: ignore[attr-defined]
+                pass
+        assert "internal error" in str(exc.value), exc.value
+
+
+def test_null_n_and_stream_mean_their_defaults(server: Server) -> None:
+    r = post(server, CHAT, {"model": "fake", "messages": MSG, "n": None, "stream": None, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+
+
+def test_streamed_completions_count_each_prompt_once_with_n(server: Server) -> None:
+    body = {"model": "fake", "prompt": "one two three four", "max_tokens": 3, "n": 2}
+    plain = post(server, "/v1/completions", body).json()["usage"]["prompt_tokens"]
+    r = httpx.post(server.url + "/v1/completions", timeout=30,
+                   json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert [e["usage"]["prompt_tokens"] for e in events if e.get("usage")] == [plain]
 
 
 def test_config_file_is_reported(server: Server, tmp_path: Path) -> None:

@@ -54,6 +54,14 @@ def test_sse_read_with_text_finish_usage_and_done() -> None:
     assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (5, 2, 3)
 
 
+def test_sse_content_filter_and_refusal_are_kept() -> None:
+    # a filtered answer must not look like a normal end, a refusal not like the answer
+    p = SSEParser(chat=True)
+    assert p.feed(sse('{"choices":[{"delta":{"role":"assistant","content":null,"refusal":"No,"}}]}',
+                      '{"choices":[{"delta":{"refusal":" sorry."},"finish_reason":"content_filter"}]}')) == ""
+    assert p.finish == "content_filter" and "".join(p.refusal) == "No, sorry."
+
+
 def test_sse_split_across_reads_and_completions_text() -> None:
     p = SSEParser(chat=False)
     assert p.feed(sse('{"choices":[{"text":"a"}]}')) == "a"

@@ -107,8 +107,8 @@ def check_logprob_support(engine: Engine, info: ModelInfo, req: GenerateRequest)
 def check_think_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
     """Thinking can be asked of upstreams (whose models may think); the in-box models do not."""
     if req.think not in (None, False) and not getattr(engine, "supports_thinking", False):
-        raise BadRequest(f"model {info.id!r} does not support thinking; drop `think` (or set it to false)",
-                         param="think")
+        raise BadRequest(f"model {info.id!r} does not support thinking; drop `think` (or set it to false; "
+                         "OpenAI clients: drop `reasoning_effort` or send \"none\")", param="think")
 
 
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:

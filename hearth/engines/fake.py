@@ -68,6 +68,8 @@ class FakeGeneration:
                 await asyncio.sleep(self.delay)
             if "FAIL_MIDSTREAM" in prompt_text(self.req) and count == 2:
                 raise EngineUnavailable("fake engine failed mid-stream (as asked)")
+            if "CRASH_MIDSTREAM" in prompt_text(self.req) and count == 2:  # a bug, not an engine error
+                raise RuntimeError("fake engine crashed mid-stream (as asked)")
             count += 1
             candidate = out + word
             cut = min((candidate.find(s) for s in self.req.stop if s in candidate), default=-1)

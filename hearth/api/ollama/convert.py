@@ -89,7 +89,7 @@ def parse_keep_alive(value: w.KeepAlive) -> float | None:
             seconds = _go_duration(text)
     if seconds is None or seconds != seconds:  # None or NaN
         raise BadRequest(f"keep_alive {value!r} is not a duration; {KEEP_ALIVE_HINT}", param="keep_alive")
-    return -1.0 if seconds < 0 else seconds
+    return -1.0 if seconds < 0 or seconds >= FOREVER_SECONDS else seconds  # inf, 1e300: forever
 
 
 def response_format(fmt: str | dict[str, Any] | None) -> ResponseFormat:

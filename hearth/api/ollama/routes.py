@@ -131,7 +131,7 @@ async def _stream(kind: str, name: str, gen: Generation, req: GenerateRequest, t
                 yield ndjson(convert.chunk_body(kind, name, _created_at(), chunk.refusal))
             if chunk.tool_calls:
                 yield ndjson(convert.chunk_body(kind, name, _created_at(), "", chunk.tool_calls, calls,
-                                                logprobs=logprobs if not chunk.text else ()))
+                                                logprobs=logprobs if not chunk.text or logprobs is None else ()))
                 calls += len(chunk.tool_calls)
             if chunk.finish_reason:
                 finish = chunk.finish_reason

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 KeepAlive = str | float | int | None
 
@@ -74,6 +74,12 @@ class GenerationFields(Wire):
     top_logprobs: int | None = None
 
 
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: Any) -> Any:
+        return True if value is None else value  # as Ollama reads a null stream: the default
+
+
 class ChatRequest(GenerationFields):
     messages: list[ChatMessage] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -87,6 +93,11 @@ class GenerateRequest(GenerationFields):
     template: str | None = None
     raw: bool = False
     context: list[int] | None = None
+
+    @field_validator("raw", mode="before")
+    @classmethod
+    def _null_raw(cls, value: Any) -> Any:
+        return False if value is None else value
 
 
 class EmbedRequest(Wire):

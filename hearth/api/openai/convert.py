@@ -26,7 +26,8 @@ from hearth.core.types import (
     Usage,
 )
 
-FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop", "error": "stop"}
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter",
+          "cancelled": "stop", "error": "stop"}
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:

@@ -26,7 +26,7 @@ from hearth.api.common import (
 from hearth.api.openai import convert
 from hearth.api.openai import schemas as w
 from hearth.core import serving
-from hearth.core.errors import HearthError
+from hearth.core.errors import HearthError, internal_error
 from hearth.core.structured import validate_output
 from hearth.core.types import Chunk, GenerateRequest, Usage
 
@@ -122,6 +122,11 @@ class ChatStream:
             out.append(sse_error(err))
             self.ended = True
             return b"".join(out)
+        except Exception as exc:  # not ours (a bug): still an error event, not a stream cut short
+            log.exception("unexpected error in a chat stream")
+            out.append(sse_error(internal_error(exc)))
+            self.ended = True
+            return b"".join(out)
         except BaseException:
             self.ended = True
             await self.aclose()
@@ -178,7 +183,7 @@ async def completions(request: Request) -> Response:
     echoes = [(r.prompt or "") if wire.echo else "" for r in reqs for _ in range(wire.n)]
     if wire.stream:
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage, echoes))
+        return _stream_response(_completion_stream(rid, name, gens, reqs[0], include_usage, echoes, wire.n))
     results = await until_disconnect(request, serving.collect_all(gens, reqs[0]))
     lp = reqs[0].logprobs is not None
     choices = [convert.completion_choice(i, echoes[i] + r.text, r.finish_reason,
@@ -190,7 +195,7 @@ async def completions(request: Request) -> Response:
 
 
 async def _completion_stream(
-    rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool, echoes: list[str]
+    rid: str, model: str, gens: list, req: GenerateRequest, include_usage: bool, echoes: list[str], n: int = 1
 ) -> AsyncIterator[bytes]:
     """SSE events of legacy completions (echoed prompts first), usage and [DONE]; errors as for chat."""
     try:
@@ -211,11 +216,15 @@ async def _completion_stream(
                 completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0
                 validate_output(texts[i], req.response_format, chunk.finish_reason)
         if include_usage:
-            usage = Usage(prompt_tokens=sum(g.prompt_tokens for g in gens), completion_tokens=completion_tokens)
+            # the n choices of one prompt share it: counted once, as for a non-streamed request
+            usage = Usage(prompt_tokens=sum(g.prompt_tokens for g in gens[::n]), completion_tokens=completion_tokens)
             yield sse(convert.usage_chunk(rid, created, model, "text_completion", usage))
         yield b"data: [DONE]\n\n"
     except HearthError as err:
         yield sse_error(err)
+    except Exception as exc:  # the status line is gone: the error must travel in the stream
+        log.exception("unexpected error in a completions stream")
+        yield sse_error(internal_error(exc))
     finally:
         for g in gens:
             await g.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class Wire(BaseModel):
@@ -82,6 +82,12 @@ class SamplingFields(Wire):
     n: int = Field(default=1, ge=1, le=16)
     user: str | None = None
     stream: bool = False
+
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """The spec lets `n` and `stream` be null (SDKs and proxies send that): the default then."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
     echo: bool | None = None

@@ -19,7 +19,7 @@ from hearth.core.types import EmbedRequest, GenerateRequest, Message, ToolCall, 
 from hearth.engines.upstream.stream import StreamParser
 from hearth.settings import UpstreamModel
 
-FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "stop",
+FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "content_filter",
           "tool_calls": "tool_calls", "function_call": "stop"}
 # Sampling fields of the OpenAI API itself; the others are llama.cpp/vLLM extras.
 STANDARD = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias"}
