@@ -310,18 +310,20 @@ class ChatChunks:
     on the whole chunk object, for less work per event.
     """
 
-    def __init__(self, rid: str, created: int, model: str) -> None:
+    def __init__(self, rid: str, created: int, model: str, include_usage: bool = False) -> None:
         self.rid, self.created, self.model = rid, created, model
         shared = orjson.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                                "system_fingerprint": "hearth"})
         self._head = b"data: " + shared[:-1] + b',"choices":[{"index":'
+        # with include_usage every chunk has `usage`, null until the last one (the spec's wording)
+        self._tail = b'}],"usage":null}\n\n' if include_usage else b"}]}\n\n"
 
     def event(self, index: int, delta: dict[str, Any], finish: str | None,
               logprobs: dict[str, Any] | None = None) -> bytes:
         """One event: choice `index`'s `delta`, and its finish reason on the last one."""
         reason = orjson.dumps(FINISH.get(finish, "stop")) if finish else b"null"
-        return b'%s%d,"delta":%s,"logprobs":%s,"finish_reason":%s}]}\n\n' % (
-            self._head, index, orjson.dumps(delta), orjson.dumps(logprobs), reason)
+        return b'%s%d,"delta":%s,"logprobs":%s,"finish_reason":%s%s' % (
+            self._head, index, orjson.dumps(delta), orjson.dumps(logprobs), reason, self._tail)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Usage) -> dict[str, Any]:

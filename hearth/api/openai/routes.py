@@ -83,7 +83,7 @@ class ChatStream:
         self.gens = gens
         self.req = req
         self.include_usage = include_usage
-        self.chunks = convert.ChatChunks(rid, int(time.time()), model)
+        self.chunks = convert.ChatChunks(rid, int(time.time()), model, include_usage)
         self.texts = ["" for _ in gens]
         self.calls = [0 for _ in gens]  # tool calls sent so far per choice: the index of the next one
         self.usages: list[Usage] = [Usage(prompt_tokens=g.prompt_tokens) for g in gens]
