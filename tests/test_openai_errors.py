@@ -127,6 +127,8 @@ def test_bad_completions(server: Server) -> None:
     assert_envelope(post(server, "/v1/completions", {"prompt": []}), 400, "prompt")
     assert_envelope(post(server, "/v1/completions", {"prompt": [1, 2, 3]}), 400, "token")
     assert_envelope(post(server, "/v1/completions", {"prompt": "x", "suffix": "y"}), 400, "suffix")
+    assert_envelope(post(server, "/v1/completions", {"prompt": "x", "best_of": 3}), 400, "best_of")
+    assert post(server, "/v1/completions", {"prompt": "x", "best_of": 2, "n": 2, "max_tokens": 2}).status_code == 200
 
 
 def test_unknown_fields_are_ignored(server: Server) -> None:

@@ -201,6 +201,9 @@ def completion_request(req: w.CompletionRequest, prompt: str) -> GenerateRequest
                          param="echo")
     if req.suffix:
         raise BadRequest("suffix (fill-in-the-middle) is not supported; remove `suffix`", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:  # = n: all are returned, which is what n does
+        raise BadRequest(f"best_of {req.best_of} is not supported (hearth does not rank samples); drop it or "
+                         f"set it to n ({req.n})", param="best_of")
     return GenerateRequest(
         model=req.model or "",
         prompt=prompt,
