@@ -145,6 +145,26 @@ def test_cloud_upstream_allowed_only_by_qualified_name(tmp_path: Path) -> None:
         stop_server(server)
 
 
+def managed_server(tmp_path: Path, command: list[str], extra: str = "") -> Server:
+    """`hearth serve --fake` with a managed upstream `ls` (model "x") running `command`, ready at "/"."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    argv = ", ".join(json.dumps(a) for a in command)  # TOML basic strings
+    (home / "hearth.toml").write_text(f'[upstreams.ls]\nkind = "openai"\nmodels = ["x"]\n'
+                                      f'managed = {{ command = [{argv}], ready_path = "/"{extra} }}\n')
+    return start_server(home, "--fake", timeout=30)
+
+
+def script_server(tmp_path: Path, script: str, extra: str = "") -> Server:
+    """`managed_server` whose child is a Python `script` (argv[1]: its port)."""
+    return managed_server(tmp_path, [sys.executable, "-c", script, "{port}"], extra)
+
+
+def chat_x(server: Server) -> httpx.Response:
+    return httpx.post(server.v1 + "/chat/completions", timeout=40,
+                      json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+
+
 @pytest.mark.parametrize(("command", "said"), [
     ([sys.executable, "-c", "import sys; print('error: model file not found'); sys.exit(3)", "{port}"],
      "exited with code 3; last output: error: model file not found"),
@@ -152,15 +172,9 @@ def test_cloud_upstream_allowed_only_by_qualified_name(tmp_path: Path) -> None:
 ])
 def test_a_managed_upstream_that_fails_to_start_says_why(tmp_path: Path, command: list[str], said: str) -> None:
     """The request gets a 503 with the reason, and `hearth upstreams` keeps showing it."""
-    home = tmp_path / "home"
-    home.mkdir()
-    argv = ", ".join(json.dumps(a) for a in command)  # TOML basic strings
-    (home / "hearth.toml").write_text(f'[upstreams.ls]\nkind = "openai"\nmodels = ["x"]\n'
-                                      f'managed = {{ command = [{argv}] }}\n')
-    server = start_server(home, "--fake", timeout=30)
+    server = managed_server(tmp_path, command)
     try:
-        r = httpx.post(server.v1 + "/chat/completions", timeout=30,
-                       json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        r = chat_x(server)
         assert r.status_code == 503 and said in r.json()["error"]["message"], r.text
         out = subprocess.run([sys.executable, "-m", "hearth", "upstreams", "--url", server.url, "--json"],
                              capture_output=True, text=True, timeout=30)
@@ -179,16 +193,9 @@ def test_a_managed_upstream_whose_port_was_taken_meanwhile_starts_on_another(tmp
               "    sys.exit(1)\n"
               "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), "
               "http.server.SimpleHTTPRequestHandler).serve_forever()\n")
-    home = tmp_path / "home"
-    home.mkdir()
-    argv = ", ".join(json.dumps(a) for a in [sys.executable, "-c", script, "{port}"])
-    (home / "hearth.toml").write_text(f'[upstreams.ls]\nkind = "openai"\nmodels = ["x"]\n'
-                                      f'managed = {{ command = [{argv}], ready_path = "/" }}\n')
-    server = start_server(home, "--fake", timeout=30)
+    server = script_server(tmp_path, script)
     try:
-        # the child answers no chat (a plain file server), but it was started: not a 503
-        r = httpx.post(server.v1 + "/chat/completions", timeout=30,
-                       json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        r = chat_x(server)  # the child answers no chat (a plain file server), but it was started: not a 503
         assert r.status_code != 503, r.text
         assert "was taken meanwhile; trying another" in server.log() and "is ready at" in server.log()
     finally:
@@ -225,23 +232,16 @@ def test_an_alias_may_name_the_in_box_engine(tmp_path: Path) -> None:
         stop_server(server)
 
 
-def managed_server(tmp_path: Path, script: str, extra: str = "") -> Server:
-    """`hearth serve --fake` with a managed upstream `ls` (model "x") running `script` (argv[1]: port)."""
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    argv = ", ".join(json.dumps(a) for a in [sys.executable, "-c", script, "{port}"])
-    (home / "hearth.toml").write_text(f'[upstreams.ls]\nkind = "openai"\nmodels = ["x"]\n'
-                                      f'managed = {{ command = [{argv}], ready_path = "/"{extra} }}\n')
-    return start_server(home, "--fake", timeout=30)
-
-
 def test_a_client_leaving_while_the_child_starts_leaves_no_child_behind(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     script = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
-    server = managed_server(tmp_path, script)
+    server = script_server(tmp_path, script)
     try:
         with pytest.raises(httpx.ReadTimeout):  # the child never gets ready; the client gives up
             httpx.post(server.v1 + "/embeddings", json={"model": "x", "input": "a"}, timeout=1.5)
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:  # a loaded machine starts it late
+            time.sleep(0.1)
         pid = int(pid_file.read_text())
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and alive(pid):
@@ -253,11 +253,10 @@ def test_a_client_leaving_while_the_child_starts_leaves_no_child_behind(tmp_path
 
 def alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
         return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
-        return f.read().split(") ", 1)[1][0] != "Z"
 
 
 def test_a_child_log_line_without_an_end_does_not_stall_it(tmp_path: Path) -> None:
@@ -266,10 +265,9 @@ def test_a_child_log_line_without_an_end_does_not_stall_it(tmp_path: Path) -> No
               "sys.stdout.flush()\nprint('listening', flush=True)\n"
               "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), "
               "http.server.SimpleHTTPRequestHandler).serve_forever()\n")
-    server = managed_server(tmp_path, script, ', startup_timeout = 20')
+    server = script_server(tmp_path, script, ', startup_timeout = 20')
     try:
-        r = httpx.post(server.v1 + "/chat/completions", timeout=40,
-                       json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        r = chat_x(server)
         assert r.status_code != 503, r.text  # it became ready (it answers no chat: a plain file server)
         assert "loading 003999" in server.log() and "listening" in server.log()
     finally:
@@ -296,7 +294,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 def test_an_unload_waits_for_the_requests_the_child_is_serving(tmp_path: Path) -> None:
     import concurrent.futures
 
-    server = managed_server(tmp_path, SLOW_SSE)
+    server = script_server(tmp_path, SLOW_SSE)
     try:
         ask = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
