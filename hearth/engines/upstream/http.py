@@ -254,7 +254,8 @@ class Response:
     async def _finish(self, wait: float) -> None:
         try:
             async with asyncio.timeout(wait):
-                await self.read()  # what follows the end event: framing, or a late usage event
+                while await self.readany():  # what follows the end event (framing, a late usage event):
+                    pass  # read and dropped, never held
         except (TimeoutError, OSError, HTTPProtocolError):
             self.close()
             return
