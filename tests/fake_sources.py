@@ -51,6 +51,7 @@ class Faults:
     corrupt: bool = False  # flip a byte in every blob body
     ignore_range: bool = False
     slow: float = 0.0  # seconds to spread every blob body over (8 KB pieces)
+    unsized_cut: int | None = None  # send no Content-Length and close after this many bytes (first GET)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class FakeSources:
     files: dict[str, bytes] = field(default_factory=dict)
     faults: Faults = field(default_factory=Faults)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range
+    if_ranges: list[str | None] = field(default_factory=list)  # the If-Range header of each blob GET
     url: str = ""
 
     @property
@@ -107,12 +109,24 @@ def _handler(state: FakeSources) -> type[BaseHTTPRequestHandler]:
         def _blob(self, data: bytes) -> None:
             if state.faults.corrupt:
                 data = data[:-1] + bytes([data[-1] ^ 0xFF])
+            etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
             start = 0
             rng = self.headers.get("Range")
-            if rng and not state.faults.ignore_range:
+            if_range = self.headers.get("If-Range")
+            state.if_ranges.append(if_range)
+            if rng and not state.faults.ignore_range and if_range in (None, etag):  # RFC 9110 13.1.5
                 start = int(rng.removeprefix("bytes=").split("-")[0])
             body = data[start:]
+            if state.faults.unsized_cut is not None:
+                cut, state.faults.unsized_cut = state.faults.unsized_cut, None
+                self.send_response(200)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body[:cut])
+                self.close_connection = True
+                return
             self.send_response(206 if start else 200)
+            self.send_header("ETag", etag)
             self.send_header("Content-Length", str(len(body)))
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")

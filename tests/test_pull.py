@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,3 +185,62 @@ def test_a_pull_waiting_for_another_can_be_cancelled(tmp_path: Path, src: FakeSo
             second.result(5)
         assert first.result(30).sha256 == src.sha256  # the first one is undisturbed
     assert "waiting for another pull of the same file" in [e["status"] for e in events_b]
+
+
+def test_a_cut_download_without_length_or_digest_is_not_a_model(tmp_path: Path, src: FakeSources) -> None:
+    """A plain URL gives no sha256 and this server no Content-Length: only the tensor table shows the cut."""
+    src.faults.unsized_cut = len(src.data) // 2
+    p, store, _ = puller(tmp_path, src)
+    with pytest.raises(UpstreamError, match="ended early.*cut short.*pull again"):
+        p.pull(src.url + "/files/tiny.gguf", name="cut")
+    assert_nothing_stored(store)
+
+
+def test_resume_onto_a_changed_file_starts_over(tmp_path: Path, src: FakeSources) -> None:
+    """The partial's ETag goes along as If-Range, so a new version of the file is not spliced onto the old."""
+    src.faults.cut_after = len(src.data) // 2
+    p, store, _ = puller(tmp_path, src, retries=0)
+    with pytest.raises(UpstreamError, match="pull again to resume"):
+        p.pull(src.url + "/files/tiny.gguf", name="x")
+    newer = make_gguf(tmp_path / "newer.gguf", seed=1).read_bytes()
+    src.files["/files/tiny.gguf"] = newer
+    m = p.pull(src.url + "/files/tiny.gguf", name="x")
+    assert store.path(m.name).read_bytes() == newer
+    assert src.if_ranges[-1] is not None  # it asked for the remembered version
+    assert list(store.partials.iterdir()) == []
+
+
+def test_a_full_disk_is_a_507_at_once_not_a_retried_network_fault(tmp_path: Path, src: FakeSources,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = Path.open
+
+    class Full:  # fault injection: every write to the partial fails as a full disk does
+        def __init__(self, fh: Any) -> None:
+            self.fh = fh
+
+        def write(self, block: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()
+
+    def open_full(self: Path, mode: str = "r", *args: Any, **kw: Any) -> Any:
+        fh = real_open(self, mode, *args, **kw)
+        return Full(fh) if mode == "ab" else fh
+
+    monkeypatch.setattr(Path, "open", open_full)
+    p, store, _ = puller(tmp_path, src)
+    with pytest.raises(InsufficientStorage, match="full.*free some space"):
+        p.pull("library/tiny:1b")
+    assert len([r for r in src.requests if "/blobs/" in r[1]]) == 1
+    assert store.list() == []
+
+
+def test_the_finished_progress_line_comes_once(tmp_path: Path, src: FakeSources) -> None:
+    p, _, events = puller(tmp_path, src)
+    p.pull("library/tiny:1b")
+    complete = [e for e in events if e.get("completed") == len(src.data)]
+    assert len(complete) == 1 and complete[0]["total"] == len(src.data)

@@ -8,6 +8,7 @@ after the sha256 matched.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import shutil
@@ -84,6 +85,11 @@ def fetch(dl: Download) -> str:
         try:
             return _attempt(dl)
         except (OSError, http.client.HTTPException, urllib.error.URLError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                have = dl.dest.stat().st_size if dl.dest.exists() else 0
+                raise InsufficientStorage(f"the disk holding {dl.dest.parent} is full ({have} bytes of the download "
+                                          "are kept); free some space or set `home` to a bigger disk, then pull "
+                                          "again to resume") from None
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                 raise UpstreamError(f"{dl.url} answered {exc.code}; check the name or your access") from None
             attempt += 1
@@ -102,20 +108,44 @@ def _attempt(dl: Download) -> str:
     if dl.size is not None and have == dl.size and dl.size > 0:
         return h.hexdigest()
     headers = {"User-Agent": "hearth", **dl.headers}
+    validator = _validator_path(dl.dest)
     if have:
         headers["Range"] = f"bytes={have}-"
+        if validator.is_file():  # resume only onto the same version of the file
+            headers["If-Range"] = validator.read_text()
     req = urllib.request.Request(dl.url, headers=headers)
     with urllib.request.urlopen(req, timeout=dl.timeout) as resp:
-        if have and resp.status != 206:  # the server ignored Range: start over
+        if have and resp.status != 206:  # the server ignored Range, or the file changed: start over
             h, have = hashlib.sha256(), 0
             dl.dest.unlink(missing_ok=True)
         length = resp.headers.get("Content-Length")
         total = dl.size or (have + int(length) if length and length.isdigit() else None)
         _check_space(dl, total, have)
+        if not have:
+            _remember_version(validator, resp.headers)
         _stream(dl, resp, h, have, total)
     if total is not None and dl.dest.stat().st_size < total:
         raise http.client.IncompleteRead(b"", total - dl.dest.stat().st_size)
     return h.hexdigest()
+
+
+def _validator_path(dest: Path) -> Path:
+    return dest.with_name(f"{dest.name}.version")
+
+
+def _remember_version(path: Path, headers: Any) -> None:
+    """Keep the file's ETag (a strong one) or Last-Modified, for If-Range when resuming."""
+    etag = headers.get("ETag") or ""
+    value = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified") or ""
+    if value:
+        path.write_text(value)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def forget_version(dest: Path) -> None:
+    """Drop what `fetch` remembered about a partial file (once it is adopted or deleted)."""
+    _validator_path(dest).unlink(missing_ok=True)
 
 
 def _check_space(dl: Download, total: int | None, have: int) -> None:
@@ -145,7 +175,7 @@ def _stream(dl: Download, resp: Any, h: Any, have: int, total: int | None) -> No
                 last = now
                 dl.progress(_event(dl, done, total, (done - start) / max(now - t0, 1e-6)))
         out.flush()
-    if dl.progress:
+    if dl.progress and done != total:  # the loop already reported a complete file
         dl.progress(_event(dl, done, total, (done - start) / max(time.monotonic() - t0, 1e-6)))
 
 

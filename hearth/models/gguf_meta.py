@@ -32,6 +32,10 @@ class GGUFError(Exception):
     """The file is not a readable GGUF."""
 
 
+class GGUFTruncated(GGUFError):
+    """The header is whole but the file ends before its tensor data does (a cut download)."""
+
+
 @dataclass(slots=True)
 class GGUFInfo:
     """Metadata of one GGUF file."""
@@ -121,19 +125,34 @@ class _Cursor:
         return self.unpack(SCALARS[vtype])
 
 
-def read_gguf(path: str | Path) -> GGUFInfo:
-    """Parse the header of a GGUF file (metadata, tensor shapes)."""
+def _tensor_bytes(ttype: int, n_elements: int) -> int:
+    """Bytes of one tensor; 0 for a type this gguf version does not know (only its offset is checked)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: pulls in numpy
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+    except (ValueError, KeyError):
+        return 0
+    return n_elements // block * size
+
+
+def read_gguf(path: str | Path, *, whole: bool = True) -> GGUFInfo:
+    """Parse the header of a GGUF file (metadata, tensor shapes).
+
+    With `whole` (the default) a file that ends before its last tensor is a
+    `GGUFTruncated`; `whole=False` reads just a downloaded head of one.
+    """
     path = Path(path)
     try:
         with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse(path, mm)
+            return _parse(path, mm, whole)
     except (OSError, ValueError) as exc:
         raise GGUFError(f"{path}: cannot read: {exc}") from None
     except (struct.error, KeyError, IndexError) as exc:
         raise GGUFError(f"{path}: not a valid GGUF file ({exc})") from None
 
 
-def _parse(path: Path, mm: Any) -> GGUFInfo:
+def _parse(path: Path, mm: Any, whole: bool) -> GGUFInfo:
     if mm[:4] != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (bad magic)")
     c = _Cursor(mm)
@@ -164,13 +183,19 @@ def _parse(path: Path, mm: Any) -> GGUFInfo:
         else:
             c.pos += count * struct.calcsize("<" + SCALARS[itype])
     params = 0
+    data_end = 0  # relative to the start of the tensor data
     for _ in range(n_tensors):
         c.skip_string()
         n_dims = c.unpack("I")
         n = 1
         for _ in range(n_dims):
             n *= c.unpack("Q")
-        c.pos += 4 + 8  # type, offset
+        ttype, offset = c.unpack("I"), c.unpack("Q")
         params += n
+        data_end = max(data_end, offset + _tensor_bytes(ttype, n))
+    align = int(meta.get("general.alignment", 32) or 32)
+    need = -(-c.pos // align) * align + data_end
+    if whole and len(mm) < need:
+        raise GGUFTruncated(f"{path}: the file is cut short: it has {len(mm)} bytes, its tensors end at byte {need}")
     return GGUFInfo(path=path, version=version, metadata=meta, array_lengths=lengths,
                     parameter_count=params, tensor_count=n_tensors)

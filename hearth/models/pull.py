@@ -22,8 +22,8 @@ from pathlib import Path
 from hearth.core.errors import BadRequest, HearthError, UpstreamError
 from hearth.models import catalog as catalog_mod
 from hearth.models.bundled import sha256_file
-from hearth.models.download import Download, Progress, PullCancelled, disk_free, fetch
-from hearth.models.gguf_meta import GGUFError, read_gguf
+from hearth.models.download import Download, Progress, PullCancelled, disk_free, fetch, forget_version
+from hearth.models.gguf_meta import GGUFError, GGUFTruncated, read_gguf
 from hearth.models.manifest import Manifest, full_name
 from hearth.models.sources import Endpoints, Remote, classify, host_of, resolve_hf, resolve_ollama, resolve_url
 from hearth.models.store import ModelStore
@@ -141,7 +141,10 @@ class Puller:
                                  headers=remote.headers, retries=self.opts.retries, free_space=self.opts.free_space,
                                  progress=self.opts.progress, cancel=self.opts.cancel))
             self.emit("verifying sha256 digest")
-            self._verify(partial, got, expected, remote.source)
+            try:
+                self._verify(partial, got, expected, remote.source)
+            finally:
+                forget_version(partial)  # kept or deleted, the partial is done with
             self.store.adopt(partial, got)
         return self._finish(name, got, remote.source, p.roles)
 
@@ -185,6 +188,10 @@ class Puller:
                                  "the corrupt file was deleted, pull again (or check the sha256 you gave)")
         try:
             read_gguf(partial)
+        except GGUFTruncated as exc:
+            partial.unlink(missing_ok=True)  # without a digest, only the tensor table tells a cut file
+            raise UpstreamError(f"the download from {source} ended early ({exc}); it was deleted, "
+                                "pull again") from None
         except GGUFError:
             partial.unlink(missing_ok=True)
             raise UpstreamError(f"{source} is not a GGUF file; the download was deleted. "

