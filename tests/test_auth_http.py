@@ -281,3 +281,51 @@ def test_cors_origins_setting(tmp_path: Path) -> None:
         assert r.headers.get("access-control-allow-origin") != "https://evil.example"
     finally:
         stop_server(srv)
+
+
+def test_admin_key_fields_are_checked_not_coerced(server: Server) -> None:
+    admin = new_key(server.home, "root", "--role", "admin")
+    h = {"Authorization": f"Bearer {admin}"}
+    for body, param in (({"name": "a", "allow_cloud": "false"}, "allow_cloud"),
+                        ({"name": "b", "models": []}, "models"),
+                        ({"name": "c", "expires": "2020-01-01"}, None),
+                        ({"name": "d", "expires": "0001-01-01"}, None)):
+        r = httpx.post(server.url + "/admin/keys", headers=h, json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param
+    assert httpx.get(server.url + "/admin/keys", headers=h).json()["keys"][-1]["name"] == "root"
+    r = httpx.post(server.url + "/admin/keys/root/rotate", headers=h, json=[1, 2])
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    for path in ("/admin/privacy", "/admin/usage"):
+        r = httpx.get(server.url + path, headers=h, params={"since": "0001-01-01"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "since", r.text
+
+
+def test_head_requests_get_the_model_check(server: Server) -> None:
+    secret = new_key(server.home, "narrow", "--models", "other*")
+    h = {"Authorization": f"Bearer {secret}"}
+    assert httpx.get(server.v1 + "/models/fake", headers=h).status_code == 403
+    assert httpx.head(server.v1 + "/models/fake", headers=h).status_code == 403
+
+
+def test_refusals_after_the_key_is_known_are_recorded_against_it(server: Server) -> None:
+    admin = new_key(server.home, "root", "--role", "admin")
+    secret = new_key(server.home, "lim", "--rpm", "1")
+    chat(server, secret)
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError):
+            chat(server, secret)
+    assert httpx.get(server.url + "/admin/keys", headers={"Authorization": f"Bearer {secret}"}).status_code == 403
+    rows = httpx.get(server.url + "/admin/usage", params={"by": "key"},
+                     headers={"Authorization": f"Bearer {admin}"}).json()["rows"]
+    lim = next(r for r in rows if r["key"] == "lim")
+    assert lim["requests"] == 4 and lim["errors"] == 3
+    assert not any(r["key"] == "(no key)" for r in rows), rows
+
+
+def test_keys_list_survives_a_far_expiry(server: Server) -> None:
+    from hearth.cli.keys import when
+
+    assert when(8.64e26) == "after 9999"  # a row written before durations were capped
+    refused = hearth(server.home, "keys", "create", "far", "--expires", "4000000d", check=False)
+    assert refused.returncode == 2 and "100 years" in refused.stderr

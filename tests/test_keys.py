@@ -200,3 +200,58 @@ def test_changes_count_when_the_stamp_is_linked_elsewhere_too(tmp_path: Path, cl
     assert server.verify(again).name == "tablet"
     server.close()
     cli.close()
+
+
+def test_an_expired_key_says_to_revoke_and_recreate(store: KeyStore, clock: Clock) -> None:
+    store.create("a", expires_at=clock.t + 100)
+    clock.t += 200
+    with pytest.raises(KeyError_, match="expired on .*revoke it and create it again"):
+        store.rotate("a")  # a new secret on the expired key would be dead on arrival
+    with pytest.raises(KeyError_, match="expired on"):
+        store.create("a")
+    store.revoke("a")
+    _, secret = store.create("a")
+    assert store.verify(secret) is not None
+
+
+def test_expiry_must_be_ahead_and_dates_out_of_range_are_refused(store: KeyStore, clock: Clock) -> None:
+    with pytest.raises(KeyError_, match="not in the future"):
+        store.create("late", expires_at=clock.t - 1)
+    for text in ("0001-01-01", "0001-01-01T00:00"):
+        with pytest.raises(KeyError_, match="out of range"):
+            parse_when(text)
+    with pytest.raises(KeyError_, match="more than 100 years"):
+        parse_duration("4000000d")
+
+
+def test_two_first_opens_at_once_migrate_once(tmp_path: Path) -> None:
+    """`hearth serve` and `hearth keys create` on a new home: the second waits, then finds the schema."""
+    import sqlite3
+    import threading
+
+    from hearth.store.db import migrate
+
+    path = tmp_path / "race.db"
+    holder = sqlite3.connect(str(path), isolation_level=None, timeout=10.0)
+    holder.execute("BEGIN IMMEDIATE")  # the first opener, inside its migration
+    for statement in MIGRATIONS[0].split(";"):
+        if statement.strip():
+            holder.execute(statement)
+    holder.execute("PRAGMA user_version=1")
+    other = sqlite3.connect(str(path), isolation_level=None, timeout=10.0, check_same_thread=False)
+    done: list[BaseException | None] = []
+
+    def second() -> None:
+        try:
+            migrate(other)
+            done.append(None)
+        except BaseException as exc:  # reported below
+            done.append(exc)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(0.3)
+    holder.execute("COMMIT")
+    thread.join(10)
+    assert done == [None]
+    assert other.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

@@ -52,14 +52,18 @@ async def create_key(request: Request) -> Response:
     body = await read_json(request, sec.settings.max_body_bytes)
     if not isinstance(body, dict) or not isinstance(body.get("name"), str):
         raise BadRequest("send a JSON object with at least a string 'name'", param="name")
-    models = body.get("models") or ["*"]
-    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-        raise BadRequest("field 'models' must be a list of patterns like [\"gemma3*\"]", param="models")
+    models = body.get("models", ["*"])
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise BadRequest("field 'models' must be a non-empty list of patterns like [\"gemma3*\"] "
+                         "(leave it out for every model)", param="models")
+    allow_cloud = body.get("allow_cloud", False)
+    if not isinstance(allow_cloud, bool):  # "false" is truthy: a string here must not open the cloud
+        raise BadRequest(f"field 'allow_cloud' must be true or false, got {allow_cloud!r}", param="allow_cloud")
     try:
         expires = parse_when(str(body["expires"]), sec.clock) if body.get("expires") else None
         key, secret = sec.keys.create(
             body["name"], role=str(body.get("role", "user")), models=models,
-            allow_cloud=bool(body.get("allow_cloud", False)), rpm=_opt_int(body, "rpm"),
+            allow_cloud=allow_cloud, rpm=_opt_int(body, "rpm"),
             tokens_per_day=_opt_int(body, "tokens_per_day"), expires_at=expires)
     except KeyError_ as exc:
         raise _key_error(exc) from None
@@ -69,7 +73,9 @@ async def create_key(request: Request) -> Response:
 async def rotate_key(request: Request) -> Response:
     sec = _security(request)
     body = await read_json(request, sec.settings.max_body_bytes, allow_empty=True)
-    overlap = body.get("overlap", 0) if isinstance(body, dict) else 0
+    if body is not None and not isinstance(body, dict):
+        raise BadRequest('send a JSON object like {"overlap": "1h"}, or no body for an immediate rotation')
+    overlap = (body or {}).get("overlap", 0)
     try:
         seconds = float(overlap) if isinstance(overlap, (int, float)) else parse_duration(str(overlap))
         key, secret = sec.keys.rotate(request.path_params["name"], seconds)
@@ -101,8 +107,9 @@ async def usage(request: Request) -> Response:
     sec = _security(request)
     by = request.query_params.get("by", "key")
     await sec.settle_usage()
+    since = _since(request, sec.clock)
     try:
-        rows = sec.usage.summary(by, _since(request, sec.clock))
+        rows = sec.usage.summary(by, since)
     except ValueError as exc:
         raise BadRequest(str(exc), param="by") from None
     return JSONResponse({"by": by, "rows": rows})

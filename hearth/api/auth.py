@@ -168,8 +168,8 @@ class Security:
             self._keys_on = self.keys.any_keys()
         return self._keys_on
 
-    def authorize(self, scope: Scope, secret: str | None) -> Key | None:
-        """The calling key (None = keyless owner), or raise 401/403/429; `secret` as `scan_headers` found it."""
+    def identify(self, scope: Scope, secret: str | None) -> Key | None:
+        """The calling key (None = keyless owner), or raise 401; `secret` as `scan_headers` found it."""
         client = scope.get("client")
         local = client is not None and client[0] in LOOPBACK_CLIENTS
         if secret is None and local and not self.settings.loopback_needs_key:
@@ -184,10 +184,16 @@ class Security:
         key = self.keys.verify(secret)
         if key is None:
             raise Unauthorized(INVALID_KEY)
+        return key
+
+    def admit(self, scope: Scope, key: Key | None) -> None:
+        """Raise 403 for a path above the key's role, 429 over its limits (after `identify`, so the
+        refusal is recorded against the key)."""
+        if key is None:
+            return
         if needs_admin(scope["path"]) and key.role != "admin":
             raise Forbidden(f"{scope['path']} needs an admin key; this key's role is {key.role!r}")
         self.limiter.admit(key.id, key.rpm, key.tokens_per_day)
-        return key
 
     def path_facts(self, scope: Scope) -> tuple[str, str, bool]:
         """The route template a path matched (bounded cardinality for metrics and usage), its dialect,
@@ -233,7 +239,7 @@ class Security:
     async def _model_name(self, scope: Scope, receive: Receive) -> tuple[Any, Receive]:
         """The model a request names: from the path (/v1/models/X) or the JSON body."""
         path = scope["path"]
-        if scope["method"] == "GET":
+        if scope["method"] in ("GET", "HEAD"):  # Starlette answers HEAD on every GET route
             if path.startswith("/v1/models/"):
                 return path[len("/v1/models/"):], receive
             return _NO_MODEL, receive
@@ -487,9 +493,10 @@ class SecurityMiddleware:
             if is_open:
                 await self.app(scope, receive, send_only(exchange))
                 return
-            exchange.key = sec.authorize(scope, secret)
+            exchange.key = sec.identify(scope, secret)
             scope["hearth.key"] = exchange.key  # for the model lists (visible_models)
             exchange.rec.key_name = exchange.key.name if exchange.key else None
+            sec.admit(scope, exchange.key)
             receive = await sec.check_model(scope, receive, exchange.key)
         except HearthError as err:
             await exchange.send_error(err)

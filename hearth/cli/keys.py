@@ -28,7 +28,12 @@ def _fail(message: str, hint: str | None = None) -> int:
 
 def when(ts: float | None) -> str:
     """Epoch seconds as local `YYYY-MM-DD HH:MM`, or '-'."""
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+    if not ts:
+        return "-"
+    try:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    except (ValueError, OverflowError, OSError):  # a far expiry set before durations were capped
+        return "after 9999"
 
 
 def open_store(settings: Settings) -> KeyStore:

@@ -202,19 +202,23 @@ class Checkpointer:
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Run the migrations this database has not seen yet, in order."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"the database was written by a newer hearth (schema {version}, this one knows {len(MIGRATIONS)}); "
-            "upgrade hearth"
-        )
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+    while True:
+        # the version is read inside the write lock: two processes opening a new home at once
+        # (`hearth serve` and `hearth keys create`) must not both run the first migration
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in script.split(";"):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"the database was written by a newer hearth (schema {version}, this one knows "
+                    f"{len(MIGRATIONS)}); upgrade hearth")
+            if version == len(MIGRATIONS):
+                conn.execute("COMMIT")
+                return
+            for statement in MIGRATIONS[version].split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute(f"PRAGMA user_version={version + 1}")
         except BaseException:
             conn.execute("ROLLBACK")
             raise

@@ -35,6 +35,7 @@ log = logging.getLogger("hearth.keys")
 ROLES = ("admin", "user", "service")
 SECRET_PREFIX = "hk-"
 PREFIX_LEN = len(SECRET_PREFIX) + 8
+MAX_DURATION = 100 * 366 * 86400.0
 DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STAMP_SUFFIX = "-keys.stamp"
@@ -173,11 +174,16 @@ class KeyStore:
                expires_at: float | None = None) -> tuple[Key, str]:
         """Create a key; returns it and its secret (the only time the secret exists in clear)."""
         check_new_key(name, role, rpm, tokens_per_day)
-        if self.get(name) is not None:
+        t = self.clock()
+        if expires_at is not None and expires_at <= t:
+            raise KeyError_(f"the expiry {_when(expires_at)} is not in the future; give a later date or a "
+                            "duration like 30d")
+        old = self.get(name)
+        if old is not None:
+            self._refuse_expired(old, t)
             raise KeyError_(f"a key named {name!r} already exists; pick another name or "
                             f"`hearth keys rotate {name}` for a new secret")
         secret = new_secret()
-        t = self.clock()
         with self.db.transaction():
             key_id = self.db.execute(
                 "INSERT INTO keys (name, role, models, allow_cloud, rpm, tokens_per_day, created_at, expires_at) "
@@ -225,14 +231,21 @@ class KeyStore:
         if overlap < 0:
             raise KeyError_(f"overlap must be 0 or more seconds, got {overlap}")
         key = self._require(name)
-        secret = new_secret()
         t = self.clock()
+        self._refuse_expired(key, t)  # a new secret of an expired key would not work either
+        secret = new_secret()
         with self.db.transaction():
             self.db.execute("UPDATE key_secrets SET expires_at = ? WHERE key_id = ? AND "
                             "(expires_at IS NULL OR expires_at > ?)", (t + overlap, key.id, t + overlap))
             self._add_secret(key.id, secret, t)
         self._changed()
         return self._with_prefixes(key), secret
+
+    @staticmethod
+    def _refuse_expired(key: Key, t: float) -> None:
+        if key.expires_at is not None and key.expires_at <= t:
+            raise KeyError_(f"key {key.name!r} expired on {_when(key.expires_at)}; revoke it and create it "
+                            f"again (`hearth keys revoke {key.name}`, then `hearth keys create {key.name} ...`)")
 
     def _require(self, name: str) -> Key:
         key = self.get(name)
@@ -300,7 +313,11 @@ def parse_duration(text: str) -> float:
     if not m:
         raise KeyError_(f"duration {text!r} not understood; use e.g. 90s, 15m, 24h or 7d")
     scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-    return float(m.group(1)) * scale
+    seconds = float(m.group(1)) * scale
+    if seconds > MAX_DURATION:
+        raise KeyError_(f"duration {text!r} is more than 100 years; leave the expiry out for a key that "
+                        "does not expire")
+    return seconds
 
 
 def parse_when(text: str, clock: Callable[[], float] = now, future: bool = True) -> float:
@@ -318,6 +335,19 @@ def parse_when(text: str, clock: Callable[[], float] = now, future: bool = True)
     except ValueError:
         raise KeyError_(f"time {text!r} not understood; use a date like 2025-12-31, a date and time like "
                         "2025-12-31T18:00, or a duration like 24h or 7d") from None
-    if when.tzinfo is None:
-        when = when.astimezone()  # local time, as a person typed it
-    return when.timestamp()
+    try:
+        if when.tzinfo is None:
+            when = when.astimezone()  # local time, as a person typed it
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError):  # year 1 and the like: out of the clock's range
+        raise KeyError_(f"time {text!r} is out of range; use a date between 1971 and 9999") from None
+
+
+def _when(ts: float) -> str:
+    """Epoch seconds as a local date and time for messages."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    except (ValueError, OverflowError, OSError):
+        return f"{ts:.0f} (epoch seconds)"
