@@ -304,3 +304,40 @@ def test_an_idle_worker_on_replaced_weights_reloads(tmp_path: Path, monkeypatch:
     loose.unlink()  # a file it served is gone (a forced rm of the bundled model): no longer listed
     engine.refresh_store()
     assert "loose:latest" not in engine.served
+
+
+def test_unloading_goes_on_when_a_pull_changes_the_model_table(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper iterated the live table: a pull landing while a worker stopped ended it for good."""
+    import asyncio
+
+    import hearth.engines.llamacpp.engine as eng
+    import hearth.models.serving as serving
+    from hearth.settings import Settings
+
+    monkeypatch.setattr(serving, "ensure_fits", lambda *a, **k: None)
+    settings = Settings(home=tmp_path / "h")
+    store = ModelStore(settings.models_dir)
+    for i in range(2):
+        store.import_file(make_gguf(tmp_path / f"m{i}.gguf", seed=i), f"m{i}")
+    engine = eng.LlamaCppEngine(settings)
+    engine.refresh_store()
+
+    class SlowStop(_Worker):
+        async def stop(self) -> None:
+            store.import_file(make_gguf(tmp_path / f"new{id(self)}.gguf", seed=9), f"new{id(self)}")
+            engine.refresh_store()  # what /api/pull's rescan does meanwhile
+            await asyncio.sleep(0.1)
+            self.alive = False
+
+    monkeypatch.setattr(eng, "WorkerClient", SlowStop)
+
+    async def go() -> None:
+        workers = [(await engine._worker(engine.served[f"m{i}:latest"], 0.0))[0] for i in range(2)]
+        engine.reaper = asyncio.ensure_future(engine._reap())
+        await asyncio.sleep(2.5)
+        assert not engine.reaper.done(), engine.reaper
+        assert [w.alive for w in workers] == [False, False]
+        engine.reaper.cancel()
+
+    asyncio.run(go())

@@ -52,12 +52,12 @@ class FakeGeneration:
         rng = random.Random(f"{seed}:{text}" if seed is not None else None)
         if self.req.response_format.type != "text":
             return ['{"fake":', " true}"]
-        limit = self.req.max_tokens or (self.ctx - self.prompt_tokens)
+        limit = self.req.max_tokens or min(self.ctx - self.prompt_tokens, self.req.max_tokens_cap or self.ctx)
         return [(" " if i else "") + rng.choice(WORDS) for i in range(min(limit, 64) + 8)]
 
     async def _run(self) -> AsyncIterator[Chunk]:
         start = time.perf_counter_ns()
-        limit = self.req.max_tokens or (self.ctx - self.prompt_tokens)
+        limit = self.req.max_tokens or min(self.ctx - self.prompt_tokens, self.req.max_tokens_cap or self.ctx)
         out = ""
         count = 0
         finish: FinishReason = "length"

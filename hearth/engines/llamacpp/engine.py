@@ -74,6 +74,7 @@ class ServedModel:
     formatter: ChatFormatter | None = None
     expires_at: float | None = None
     lock: asyncio.Lock | None = None
+    unload_pending: bool = False  # asked to unload while requests ran: they must not extend keep-alive
 
 
 class LlamaGeneration:
@@ -227,6 +228,9 @@ class LlamaCppEngine:
 
     # -- workers and keep-alive ------------------------------------------------
     def _keep(self, sm: ServedModel, keep_alive: float | None) -> None:
+        if keep_alive is None and sm.unload_pending:
+            return  # `ollama stop` or keep_alive 0 came in meanwhile: unload once idle, as asked
+        sm.unload_pending = False
         ka = self.settings.keep_alive if keep_alive is None else keep_alive
         sm.expires_at = None if ka < 0 else time.time() + ka
 
@@ -254,6 +258,7 @@ class LlamaCppEngine:
                 sm.formatter = ChatFormatter(info.get("chat_template"), info.get("architecture", ""),
                                              info.get("bos", ""), info.get("eos", ""))
                 sm.info.context_length = info["n_ctx_seq"]
+                sm.unload_pending = False
                 load_ns = time.perf_counter_ns() - t0
             if keep_alive is not None or sm.expires_at is None or load_ns:
                 self._keep(sm, keep_alive)
@@ -285,12 +290,15 @@ class LlamaCppEngine:
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
-            for sm in self.served.values():
+            for sm in list(self.served.values()):  # a pull or rm may change the table while a worker stops
                 w = sm.worker
                 if w and sm.expires_at is not None and sm.expires_at <= now and not w.outstanding:
                     log.info("unloading %s (keep-alive expired)", sm.info.id)
-                    sm.worker = None
-                    await w.stop()
+                    sm.worker, sm.unload_pending = None, False
+                    try:
+                        await w.stop()
+                    except Exception:  # one bad stop must not end unloading for every model
+                        log.exception("stopping the worker of %s failed", sm.info.id)
 
     # -- requests ---------------------------------------------------------------
     def _prompt(self, sm: ServedModel, req: GenerateRequest) -> tuple[str, bool]:
@@ -328,7 +336,8 @@ class LlamaCppEngine:
         rid = worker.new_id()
         box = worker.open(rid)
         try:
-            worker.send("gen", rid, prompt, add_special, spec, req.max_tokens, self._stops(req, tools), req.num_ctx)
+            worker.send("gen", rid, prompt, add_special, spec, req.max_tokens, self._stops(req, tools), req.num_ctx,
+                        req.max_tokens_cap)
             first = await box.get()
         except BaseException:
             worker.close_box(rid)
@@ -408,6 +417,8 @@ class LlamaCppEngine:
             f"{self.settings.default_model}:latest")
         if default is None:
             return bool(self.served)
+        if default.worker is None:
+            return True  # unloaded on purpose (keep-alive, `ollama stop`): a probe must not load it again
         try:
             worker, _ = await self._worker(default, None)
         except HearthError:
@@ -429,7 +440,7 @@ class LlamaCppEngine:
         sm = self._served(model)
         if sm.worker and sm.worker.outstanding:
             # Requests still running: let them finish, the reaper unloads when idle.
-            sm.expires_at = time.time()
+            sm.expires_at, sm.unload_pending = time.time(), True
             return
         if sm.worker:
             worker, sm.worker = sm.worker, None

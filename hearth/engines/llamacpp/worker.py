@@ -126,7 +126,7 @@ class Worker:
             self.running = False
 
     def on_gen(self, rid: str, prompt: str, add_special: bool, spec: Any,
-               max_tokens: int | None, stops: list[str], ctx: int | None = None) -> None:
+               max_tokens: int | None, stops: list[str], ctx: int | None = None, cap: int | None = None) -> None:
         tokens = self.m.tokenize(prompt, add_special)
         # A request may ask for a smaller context (Ollama's num_ctx), never a larger one.
         limit = min(ctx, self.m.n_ctx_seq) if ctx else self.m.n_ctx_seq
@@ -147,6 +147,8 @@ class Worker:
             self.emit("error", rid, "bad_request", (str(exc), "response_format"))
             return
         budget = limit - len(tokens)
+        if not max_tokens and cap:
+            budget = min(budget, cap)  # setting max_tokens_limit: bounds what was left open
         seq = Seq(rid, tokens, spec, min(max_tokens or budget, budget), stops, sampler, TextOut(stops))
         self.waiting.append(seq)
         self.emit("accepted", rid, len(tokens))
@@ -276,7 +278,8 @@ class Worker:
         token out at once and joins this step's generating decode.
         """
         m = self.m
-        budget = self.prefill_chunk if any(s.seq and s.seq.last >= 0 for s in self.slots) else m.batch_cap
+        busy = any(s.seq and s.seq.last >= 0 for s in self.slots)
+        budget = min(m.batch_cap, self.prefill_chunk) if busy else m.batch_cap  # batch_size < prefill_chunk
         if not self.read_prompts(budget):
             return
         # Requests that came in meanwhile are read now, before the generating

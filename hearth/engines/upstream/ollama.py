@@ -111,8 +111,8 @@ class OllamaWire:
         options = {name: getattr(s, field) for field, name in OPTIONS.items() if getattr(s, field) is not None}
         if s.logit_bias:
             drop("logit_bias")
-        if req.max_tokens is not None:
-            options["num_predict"] = req.max_tokens
+        if (limit := req.max_tokens or req.max_tokens_cap) is not None:
+            options["num_predict"] = limit
         if req.stop:
             options["stop"] = req.stop
         if req.num_ctx is not None:

@@ -105,8 +105,8 @@ class OpenAIWire:
                 body["logprobs"] = max(1, req.logprobs)
         self._sampling(body, req, drop)
         self._think(body, req, drop)
-        if req.max_tokens is not None:
-            body["max_completion_tokens" if self.cloud and req.messages is not None else "max_tokens"] = req.max_tokens
+        if (limit := req.max_tokens or req.max_tokens_cap) is not None:
+            body["max_completion_tokens" if self.cloud and req.messages is not None else "max_tokens"] = limit
         if req.stop:
             body["stop"] = req.stop
         rf = _response_format(req)

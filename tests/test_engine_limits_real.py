@@ -1,0 +1,88 @@
+"""The in-box engine at the edges of its settings, on the real model: a batch smaller than the prompt
+step, the max_tokens_limit cap, and unloads that must stay unloaded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.conftest import Server, model_server
+
+pytestmark = pytest.mark.model
+MODEL = "gemma3-270m:latest"
+NO_EOS = {"1": -100, "106": -100}
+LONG = " ".join(f"Line {k}: the fox crossed the river at dawn." for k in range(24))  # ~280 tokens
+
+
+@pytest.fixture(scope="module")
+def edge_server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
+    """batch_size 64 under the default prefill_chunk 128; a 512-token context; a cap of 400 tokens."""
+    yield from model_server(tmp_path_factory, models_cache, "edge-home", {
+        "HEARTH_SLOTS": "3", "HEARTH_BATCH_SIZE": "64", "HEARTH_CTX_PER_SLOT": "512",
+        "HEARTH_MAX_TOKENS_LIMIT": "400"})
+
+
+def loaded(server: Server) -> list[str]:
+    return [m["name"] for m in httpx.get(server.url + "/api/ps").json()["models"]]
+
+
+def test_long_prompts_beside_a_generating_stream_fit_a_small_batch(edge_server: Server) -> None:
+    """With batch_size below prefill_chunk the prompt pieces overflowed the batch and killed the worker."""
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=edge_server.v1, api_key="x", max_retries=0, timeout=120)
+
+        async def ask(text: str, n: int) -> str:
+            resp = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=n, logit_bias=NO_EOS)
+            return resp.choices[0].message.content or ""
+
+        first = asyncio.ensure_future(ask("Tell a story about a fox.", 60))
+        await asyncio.sleep(0.5)  # generating now
+        return await asyncio.gather(first, ask(LONG + " Summarise.", 8), ask(LONG + " Continue.", 8))
+
+    answers = asyncio.run(run())
+    assert all(answers)
+    restarts = [line for line in httpx.get(edge_server.url + "/metrics").text.splitlines()
+                if line.startswith("hearth_engine_restarts_total")]
+    assert restarts and all(line.endswith(" 0.0") for line in restarts), restarts
+
+
+def test_the_cap_bounds_a_request_without_max_tokens_instead_of_refusing_it(edge_server: Server) -> None:
+    client = openai.OpenAI(base_url=edge_server.v1, api_key="x", max_retries=0, timeout=120)
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": LONG}],
+                                          logit_bias=NO_EOS)  # 280 + 400 > 512: was a 400
+    assert resp.usage.prompt_tokens + resp.usage.completion_tokens <= 512
+    assert resp.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="over this server's limit of 400"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=401)
+
+
+def test_an_unload_during_a_request_is_kept_and_ready_does_not_reload(edge_server: Server) -> None:
+    client = ollama.Client(host=edge_server.url, timeout=120)
+    client.generate(model=MODEL, prompt="", keep_alive="5m")
+    assert loaded(edge_server) == [MODEL]
+
+    async def run() -> None:
+        aclient = ollama.AsyncClient(host=edge_server.url, timeout=120)
+        running = asyncio.ensure_future(aclient.generate(
+            model=MODEL, prompt="Count to fifty:", options={"num_predict": 80, "temperature": 0}))
+        await asyncio.sleep(0.5)
+        unloaded = await aclient.generate(model=MODEL, prompt="", keep_alive=0)  # `ollama stop`
+        assert unloaded.done_reason == "unload"
+        await running  # its end used to set a fresh 5-minute keep-alive
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while loaded(edge_server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert loaded(edge_server) == []
+    assert httpx.get(edge_server.url + "/ready").status_code == 200
+    time.sleep(0.5)
+    assert loaded(edge_server) == []  # a readiness probe does not load the model again
