@@ -53,6 +53,7 @@ def test_settings_env_json_and_home(tmp_path: Path) -> None:
     ("bogus = 1\n", ["unknown setting 'bogus'"]),
     ("port = 'abc'\n", ["port"]),
     ("port = [\n", ["not valid TOML"]),
+    ("log_level = 'verbose'\n", ["log_level", "'debug', 'info', 'warning' or 'error'"]),  # was a traceback in serve
 ])
 def test_settings_errors_are_one_line(tmp_path: Path, text: str, words: list[str]) -> None:
     toml = tmp_path / "hearth.toml"
