@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "HEARTH_"
@@ -126,6 +126,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     home: Path = Field(default_factory=default_home, description="Data directory for models, database and logs.")
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _home(cls, value: Any) -> Any:
+        """`~` expanded and an empty value the default, as `default_home` reads HEARTH_HOME (the
+        config file is looked up there, so data and config must agree)."""
+        if value is None or str(value).strip() == "":
+            return Path(platformdirs.user_data_dir("hearth", appauthor=False))
+        return Path(str(value)).expanduser()
     host: str = Field("127.0.0.1", description="Address to listen on. Anything but loopback requires keys.")
     port: int = Field(11435, ge=0, le=65535, description="TCP port to listen on.")
     default_model: str = Field(BUNDLED_MODEL, description="Model used when a request names none.")
@@ -245,7 +254,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise SettingsError(f"config file {path} does not exist; create it or drop --config") from None
+        raise SettingsError(f"config file {path} does not exist; create it, or drop --config / unset HEARTH_CONFIG") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
 

@@ -117,5 +117,5 @@ def test_real_engine_serves_store_models_after_pull_and_delete(tmp_path: Path, m
         assert "tiny:1b" not in ids
     finally:
         stop_server(s)
-        for p in (models_cache / "manifests").rglob("*.json"):
-            p.unlink()  # leave the shared cache as other tests expect it
+        for p in [*(models_cache / "manifests").rglob("*.json"), *(models_cache / "blobs").glob("*.adopted")]:
+            p.unlink()  # leave the shared cache as other tests expect it (the bundled model adopted afresh)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -118,4 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # the reader left early (`hearth config | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         code = 0
+    except sqlite3.Error as exc:  # a damaged or foreign hearth.db
+        code = fail(f"the database cannot be used: {exc}", "`hearth config` shows `home`; move a damaged "
+                    "hearth.db away (hearth makes a new one) or point HEARTH_HOME elsewhere")
+    except OSError as exc:  # the home cannot be made or written: a file in the way, no permission, full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        code = fail(f"{exc.strerror or exc}{where}", "check that `home` (HEARTH_HOME) is a writable folder "
+                    "with free space")
     sys.exit(code)

@@ -1,4 +1,7 @@
-"""`hearth privacy [--json]`: every outbound host, which are cloud, who may use them, cloud calls made."""
+"""`hearth privacy [--json]`: every outbound host, which are cloud, who may use them, cloud calls made.
+
+From GET /admin/privacy of the running server (its config is the one that counts), or built from
+this machine's config and database when no server runs."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from hearth.cli.ps import add_client_flags, from_server
 from hearth.store.db import open_database
 from hearth.store.keys import KeyStore
 from hearth.store.privacy_report import build_report
@@ -19,8 +23,14 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     from hearth.cli.table import print_table
 
     settings = settings_from(args).settings
-    db = open_database(settings.db_path)
-    report = build_report(settings, KeyStore(db), UsageStore(db))
+    answer = from_server(args, settings, "/admin/privacy")  # what the server runs with, not this shell's config
+    if isinstance(answer, int):
+        return answer
+    if answer is not None:
+        report = answer
+    else:
+        db = open_database(settings.db_path)
+        report = build_report(settings, KeyStore(db), UsageStore(db))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -53,4 +63,5 @@ def register(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) ->
     p = sub.add_parser("privacy", help="where hearth may connect, and the cloud calls it made")
     add_common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_client_flags(p, "an admin key")
     p.set_defaults(func=cmd_privacy)

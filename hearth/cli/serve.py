@@ -19,7 +19,8 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from hearth.api.protocol import HTTPProtocol
 from hearth.app import create_app
-from hearth.settings import Settings
+from hearth.cli.ps import url_host_part
+from hearth.settings import BUNDLED_MODEL, Settings
 
 log = logging.getLogger("hearth.serve")
 
@@ -63,8 +64,10 @@ def is_loopback(host: str) -> bool:
 def banner(settings: Settings, port: int) -> str:
     """What a person needs to start using the server."""
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{port}"
-    model = settings.default_model if not settings.fake else "fake:latest"
+    url = f"http://{url_host_part(host)}:{port}"
+    model = settings.default_model
+    if settings.fake and model == BUNDLED_MODEL:  # as create_app swaps it
+        model = "fake:latest"
     return (
         f"hearth is ready at {url}  (OpenAI API: {url}/v1, Ollama API: {url}/api)\n"
         f"default model: {model}\n"

@@ -1,12 +1,15 @@
-"""`hearth usage [--by key|model|day] [--since ...] [--json]`: totals from the local database."""
+"""`hearth usage [--by key|model|day] [--since ...] [--json]`: totals from GET /admin/usage of the
+running server, or from this machine's database when no server runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from hearth.cli.ps import add_client_flags, from_server
 from hearth.store.db import open_database
 from hearth.store.keys import KeyError_, parse_when
 from hearth.store.usage import GROUPS, UsageStore
@@ -21,7 +24,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
         since = parse_when(args.since, future=False) if args.since else None
     except KeyError_ as exc:
         return fail(str(exc))
-    rows = UsageStore(open_database(settings.db_path)).summary(args.by, since)
+    query = urllib.parse.urlencode({"by": args.by, **({"since": args.since} if args.since else {})})
+    answer = from_server(args, settings, f"/admin/usage?{query}")  # the server's own, settled records
+    if isinstance(answer, int):
+        return answer
+    rows = answer["rows"] if answer is not None else UsageStore(open_database(settings.db_path)).summary(
+        args.by, since)
     if args.json:
         print(json.dumps({"by": args.by, "since": since, "rows": rows}, indent=2))
         return 0
@@ -49,4 +57,5 @@ def register(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) ->
     p.add_argument("--by", choices=list(GROUPS), default="key", help="group by (default key)")
     p.add_argument("--since", help="a date (2025-06-01) or a duration back from now (24h, 7d)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_client_flags(p, "an admin key")
     p.set_defaults(func=cmd_usage)

@@ -40,7 +40,7 @@ def outbound_hosts(settings: Settings, keys: KeyStore) -> list[dict[str, Any]]:
         allowed = bool(getattr(settings, "allow_network", False))
         hosts.append({"purpose": purpose + ("" if allowed else " (off: allow_network is false)"),
                       "host": url_host(url), "url": url, "cloud": is_cloud_url(url),
-                      "keys": ["admin keys, on `hearth pull` with consent"] if allowed else []})
+                      "keys": ["admin keys, on `hearth models pull` with consent"] if allowed else []})
     return hosts
 
 
