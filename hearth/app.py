@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -57,9 +57,9 @@ def is_ollama_path(path: str) -> bool:
     return path.startswith("/api/")
 
 
-def error_response(request: Request, err: HearthError) -> Response:
-    """Render an error in the dialect of the path it happened on."""
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+def error_response(request: Request, err: HearthError, extra: dict[str, str] | None = None) -> Response:
+    """Render an error in the dialect of the path it happened on (with `extra` headers)."""
+    headers = {**(extra or {}), **({"Retry-After": str(err.retry_after)} if err.retry_after is not None else {})}
     if is_ollama_path(request.url.path):
         return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
     return JSONResponse(openai_convert.error_body(err), status_code=err.status, headers=headers)
@@ -115,10 +115,13 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         err = HearthError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
                           code="method_not_allowed" if exc.status_code == 405 else None)
         err.type = "invalid_request_error"
-    return error_response(request, err)
+    return error_response(request, err, dict(exc.headers or {}))  # a 405's Allow (RFC 9110 15.5.6)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ClientDisconnect):  # left mid-upload: nobody to answer, nothing went wrong here
+        log.debug("client left during the request body of %s %s", request.method, request.url.path)
+        return Response(status_code=499)
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     err = internal_error(exc)
     return error_response(request, err)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,15 @@ class Recorder:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.closed = False
+        self.ended = False  # write_eof: our side is done (a lingering close)
         self.paused = False
 
     def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
+        assert not self.closed and not self.ended, "write after close"
         self.writes.append(bytes(data))
+
+    def write_eof(self) -> None:
+        self.ended = True
 
     def is_closing(self) -> bool:
         return self.closed
@@ -301,13 +307,69 @@ def test_http_10_without_length_ends_with_the_connection_and_head_has_no_body() 
 def test_malformed_and_oversized_requests_are_refused_and_closed() -> None:
     async def bad(proto: HTTPProtocol, rec: Recorder) -> None:
         proto.data_received(b"NOT HTTP AT ALL\r\n\r\n")
-        assert rec.output.startswith(b"HTTP/1.1 400 Bad Request") and rec.closed
+        assert rec.output.startswith(b"HTTP/1.1 400 Bad Request") and rec.ended
+        proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")  # lingering: dropped, not parsed
+        assert rec.output.count(b"HTTP/1.1") == 1
     run(answer(), bad)
 
     async def big(proto: HTTPProtocol, rec: Recorder) -> None:
         proto.data_received(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
-        assert rec.output.startswith(b"HTTP/1.1 431 ") and b"over 4096 bytes" in rec.output and rec.closed
+        assert rec.output.startswith(b"HTTP/1.1 431 ") and b"over 4096 bytes" in rec.output and rec.ended
     run(answer(), big, max_head=4096)
+
+    async def endless(proto: HTTPProtocol, rec: Recorder) -> None:  # a head that never ends is bounded too
+        proto.data_received(b"GET /?")
+        for _ in range(3):
+            proto.data_received(b"a" * 2000)
+        assert rec.output.startswith(b"HTTP/1.1 431 ") and rec.ended
+    run(answer(), endless, max_head=4096)
+
+    async def hostless(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET / HTTP/1.1\r\n\r\n")
+        assert rec.output.startswith(b"HTTP/1.1 400 ") and b"Host header" in rec.output
+    run(answer(), hostless)
+
+    async def chunked_upgrade(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"POST / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        await steps()
+        assert rec.output.startswith(b"HTTP/1.1 400 ") and b"Upgrade" in rec.output and rec.closed
+    run(answer(), chunked_upgrade)
+
+
+def test_a_request_before_a_malformed_one_gets_its_answer_then_the_400() -> None:
+    async def body(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nBAD REQUEST\r\n\r\n")
+        await steps()
+        out = rec.output
+        assert out.startswith(b"HTTP/1.1 200 OK")
+        assert out.index(b"ok") < out.index(b"HTTP/1.1 400 ") and rec.ended
+    run(answer(), body)
+
+
+def test_a_body_the_app_never_read_is_dropped_and_the_connection_goes_on() -> None:
+    async def early(scope: dict[str, Any], receive: Any, send: Any) -> None:  # a 404 before reading the body
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def small(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 300000\r\n\r\n" + b"x" * 100_000)
+        await steps()
+        for _ in range(2):
+            proto.data_received(b"x" * 100_000)  # over the high-water mark: must not stall the connection
+        assert not rec.paused
+        proto.data_received(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+        await steps()
+        assert rec.output.count(b"HTTP/1.1 404") == 2 and not rec.closed and not rec.ended
+    run(early, small)
+
+    async def huge(proto: HTTPProtocol, rec: Recorder) -> None:
+        proto.data_received(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 12000000\r\n\r\n" + b"x" * 1000)
+        await steps()
+        assert rec.output.startswith(b"HTTP/1.1 404") and rec.ended  # answered, then a lingering close
+        proto.data_received(b"x" * 100_000)
+        assert not rec.paused
+    run(early, huge)
 
 
 def test_an_app_that_fails_gets_a_500_before_its_answer_and_a_cut_after() -> None:
@@ -502,3 +564,45 @@ def test_second_server_on_a_busy_port_says_so_in_one_line(fake_server: Server, t
     assert lines[-2].startswith(f"hearth: error: cannot listen on 127.0.0.1:{port}") and "in use" in lines[-2]
     assert lines[-1].startswith("hint:") and "Traceback" not in out.stderr
     assert httpx.get(fake_server.url + "/health").status_code == 200  # the first one is untouched
+
+
+def _conn(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_real_server_edges_405_allow_early_413_and_a_client_leaving_mid_upload(server: Server) -> None:
+    r = httpx.delete(server.v1 + "/models")
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
+    with _conn(server) as sock, sock.makefile("rb") as f:  # curl's Expect: 100-continue for a big upload
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 900000000\r\n\r\n")
+        status, headers, body = _read_response(f)
+        assert status.startswith(b"HTTP/1.1 413"), status  # at once, not after `100 Continue`
+        assert json.loads(body)["error"]["code"]
+    with _conn(server) as sock:  # leaves after part of the body
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+        time.sleep(0.3)
+    time.sleep(0.3)
+    assert "unexpected error" not in server.log() and "ClientDisconnect" not in server.log()
+    with _conn(server) as sock, sock.makefile("rb") as f:  # a 404 before the body: the connection goes on
+        sock.sendall(b"POST /v1/nothere HTTP/1.1\r\nHost: x\r\nContent-Length: 400000\r\n\r\n" + b"x" * 400000)
+        assert _read_response(f)[0].startswith(b"HTTP/1.1 404")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(f)[0].startswith(b"HTTP/1.1 200")
+
+
+def test_a_request_cut_by_shutdown_gets_a_503_and_its_usage_is_kept(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "home", "--fake", timeout=60)
+    try:
+        with _conn(srv) as sock, sock.makefile("rb") as f:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":")
+            time.sleep(0.3)
+            os.killpg(srv.proc.pid, signal.SIGTERM)  # the graceful timeout (5 s) runs out on this request
+            status = f.readline()
+            assert status.startswith(b"HTTP/1.1 503"), status
+        srv.proc.wait(20)
+    finally:
+        stop_server(srv)
+    log = srv.log()
+    assert "closed database" not in log and "Exception in ASGI application" not in log, log

@@ -123,6 +123,14 @@ def error_body(path: str, err: HearthError) -> bytes:
     return orjson.dumps(openai_error(err))
 
 
+class HeadersTooLarge(HearthError):
+    """The request's headers are over `max_header_bytes` (431): the client's doing, not the server's."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 def needs_admin(path: str) -> bool:
     """Paths only admin keys may use."""
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
@@ -487,9 +495,8 @@ class SecurityMiddleware:
         try:
             header_bytes, secret = scan_headers(scope["headers"])
             if header_bytes > sec.settings.max_header_bytes:
-                raise HearthError(f"request headers are {header_bytes} bytes; the limit is "
-                                  f"{sec.settings.max_header_bytes} (setting max_header_bytes)",
-                                  status=431, code="request_header_fields_too_large")
+                raise HeadersTooLarge(f"request headers are {header_bytes} bytes; the limit is "
+                                      f"{sec.settings.max_header_bytes} (setting max_header_bytes)")
             if is_open:
                 await self.app(scope, receive, send_only(exchange))
                 return
@@ -539,6 +546,6 @@ def install(settings: Settings, state: Any) -> tuple[list[Any], list[Any]]:
     middleware = []
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                                     allow_headers=["*"], expose_headers=["Retry-After"]))
+                                     allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"]))
     middleware.append(Middleware(SecurityMiddleware, security=security))
     return admin.routes(), middleware

@@ -170,6 +170,8 @@ async def read_json(request: Request, limit: int, allow_empty: bool = False) -> 
     chunks: list[bytes] = []
     size = 0
     receive = request.receive  # straight from ASGI: Request.stream() is an async generator per request
+    if request.scope.get("hearth.expect_continue"):  # before `100 Continue`: the client need not send it
+        _check_declared_length(request.scope, limit)
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

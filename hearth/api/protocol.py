@@ -43,6 +43,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from hearth.api.cycle import Cycle, access, plain_response
 
 HIGH_WATER = 65536  # request body bytes buffered before the socket is paused
+DISCARD_MAX = 1 << 20  # unread body bytes dropped to keep a connection; more and it is closed
+LINGER_SECONDS = 2.0  # how long a closing connection still takes (and drops) what the client sends
 METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 
@@ -51,6 +53,10 @@ log = logging.getLogger("hearth.http")
 
 class HeadTooLarge(Exception):
     """The request line and headers are over the limit."""
+
+
+class MissingHost(Exception):
+    """An HTTP/1.1 request without a Host header."""
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -100,6 +106,9 @@ class HTTPProtocol(asyncio.Protocol):
         self._default_head = b""
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self.lingering = False  # answered and half-closed: what still comes is dropped
+        self.body_seen = 0  # body bytes of the request being parsed, kept or dropped
+        self.refusal = b""  # a 400/431 to send, then close, once the request being answered is done
 
     @classmethod
     def with_limits(cls, max_head: int) -> type[HTTPProtocol]:
@@ -140,9 +149,14 @@ class HTTPProtocol(asyncio.Protocol):
         return None  # the transport closes; a request in flight sees a disconnect
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # the rest of a body nobody reads, on a connection about to close
         self._idle_since = self.loop.time()
         if self.parsing is None:  # between requests or inside a head: bound what a head may take
             self.head_size += len(data)
+            if self.head_size > self.max_head:  # before parsing: a head that never ends is refused too
+                self._refuse(431, f"request head over {self.max_head} bytes")
+                return
         if self.upgraded:
             self._upgraded_body(data)
             return
@@ -153,6 +167,8 @@ class HTTPProtocol(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, HeadTooLarge):
                 self._refuse(431, f"request head over {self.max_head} bytes")
+            elif isinstance(exc.__context__, MissingHost):
+                self._refuse(400, "An HTTP/1.1 request needs a Host header.")
             else:
                 log.exception("error while parsing a request")
                 self._refuse(400, "Invalid HTTP request received.")
@@ -160,13 +176,30 @@ class HTTPProtocol(asyncio.Protocol):
             self._refuse(400, "Invalid HTTP request received.")
 
     def _refuse(self, status: int, text: str) -> None:
-        """Answer a request that never reached the app, and close."""
-        if self.active is not None and not self.active.complete:
-            self.transport.close()  # mid-answer: no second response can follow
+        """Answer a request that never reached the app, and close.
+
+        Requests before it that were read whole get their answers first; the
+        refusal follows them and nothing after it is read.
+        """
+        if self.transport.is_closing():
+            return
+        broken = self.parsing  # a request whose body the error cut, if any: it cannot be served
+        if broken is not None and broken in self.queue:
+            self.queue.remove(broken)
+        active = self.active
+        if active is not None and not active.complete:
+            if active is broken:
+                if not active.started:
+                    self.flush()
+                    self.transport.write(plain_response(status, text))
+                self.transport.close()
+                return
+            self.refusal = plain_response(status, text)
+            self.pause_reading()
             return
         self.flush()
         self.transport.write(plain_response(status, text))
-        self.transport.close()
+        self._linger()
 
     # -- parser callbacks ------------------------------------------------------------
 
@@ -190,6 +223,8 @@ class HTTPProtocol(asyncio.Protocol):
         # uvicorn's proxy-headers middleware reads these two; without them it changes nothing
         self.forwarded = b"x-forwarded-for" in names or b"x-forwarded-proto" in names
         version = parser.get_http_version()
+        if version == "1.1" and b"host" not in names:  # RFC 9112 3.2: a MUST, and smuggling defence
+            raise MissingHost()
         raw_method = parser.get_method()
         method = METHODS.get(raw_method) or raw_method.decode("ascii")
         url = self.url
@@ -207,10 +242,12 @@ class HTTPProtocol(asyncio.Protocol):
             "raw_path": self.root_path.encode() + raw_path, "query_string": query, "headers": self.headers,
             "state": self.app_state.copy(),
         }
+        if self.expect_continue:  # lets the app refuse a declared oversize body before `100 Continue`
+            scope["hearth.expect_continue"] = True
         cycle = Cycle(self, scope, version != "1.0" and parser.should_keep_alive(), self.expect_continue)
         cycle.app = self.app if self.forwarded else self.plain_app
         self.parsing = self.latest = cycle
-        self.head_size = 0
+        self.head_size = self.body_seen = 0
         if self.active is None:
             self._start(cycle)
         else:  # pipelined: its turn comes when the one before has answered
@@ -219,8 +256,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         cycle = self.parsing
-        if cycle is None or cycle.disconnected:
-            return
+        self.body_seen += len(body)
+        if cycle is None or cycle.disconnected or cycle.complete:
+            return  # answered already (a 404, 401 or 413 before reading it): the rest is dropped
         cycle.body.append(body)
         cycle.buffered += len(body)
         if cycle.buffered > HIGH_WATER:
@@ -244,6 +282,15 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.close()
             return
         cycle.keep_alive = False
+        if any(k == b"transfer-encoding" for k, _ in cycle.scope["headers"]) and not cycle.started:
+            # its chunked body would have to be parsed by hand: refuse rather than serve it without one
+            self.active = self.active if self.active is not cycle else None
+            cycle.disconnected = True
+            self.flush()
+            self.transport.write(plain_response(400, "A chunked body with an Upgrade header is not supported; "
+                                                     "send it with a Content-Length or without Upgrade."))
+            self.transport.close()
+            return
         length = next((v for k, v in cycle.scope["headers"] if k == b"content-length"), b"0")
         self.upgraded_left = int(length) if length.isdigit() else 0
         if self.upgraded_left and not cycle.delivered:
@@ -277,6 +324,11 @@ class HTTPProtocol(asyncio.Protocol):
     async def _run(self, cycle: Cycle) -> None:
         try:
             await cycle.app(cycle.scope, cycle.receive, cycle.send)
+        except asyncio.CancelledError:  # the server's graceful shutdown ran out of time
+            log.info("%s %s cut short: the server is stopping", cycle.scope["method"], cycle.scope["path"])
+            if not cycle.disconnected:
+                self._end_broken(cycle, 503, "Service Unavailable: the server is stopping; retry shortly")
+            raise
         except BaseException as exc:  # the app failed: answer 500 if nothing went out yet, else cut
             log.error("Exception in ASGI application", exc_info=exc)
             if not cycle.disconnected:
@@ -289,10 +341,10 @@ class HTTPProtocol(asyncio.Protocol):
         log.error("ASGI callable returned without %s the response", "completing" if cycle.started else "starting")
         self._end_broken(cycle)
 
-    def _end_broken(self, cycle: Cycle) -> None:
+    def _end_broken(self, cycle: Cycle, status: int = 500, text: str = "Internal Server Error") -> None:
         """After an app failed: a 500 if it had not started answering, else cut the connection."""
         if not cycle.started:
-            self.write(plain_response(500, "Internal Server Error"))
+            self.write(plain_response(status, text))
             cycle.complete = True
             cycle.keep_alive = False
             self.response_done(cycle)
@@ -308,6 +360,14 @@ class HTTPProtocol(asyncio.Protocol):
         self.active = None
         if self.transport.is_closing():
             return
+        if cycle is self.parsing and self._unread_body(cycle) > DISCARD_MAX:
+            self._linger()  # a big body it never read: closing beats reading it all to drop it
+            return
+        if self.refusal and not self.queue:
+            self.flush()
+            self.transport.write(self.refusal)
+            self._linger()
+            return
         if not cycle.keep_alive:
             self.flush()
             self.transport.close()
@@ -320,6 +380,28 @@ class HTTPProtocol(asyncio.Protocol):
         self.resume_reading()
         self._idle_since = self.loop.time()
         self._arm_idle()
+
+    def _linger(self) -> None:
+        """End the connection while the client may still be sending: stop our side, drop what comes
+        for a moment, then close. Closing at once with unread bytes makes the kernel reset the
+        connection, and a client still sending may lose the answer it was sent."""
+        self.flush()
+        self.lingering = True
+        try:
+            self.transport.write_eof()
+        except (NotImplementedError, OSError, RuntimeError):
+            self.transport.close()
+            return
+        self.read_paused = False
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def _unread_body(self, cycle: Cycle) -> int:
+        """Request body bytes still to come (a chunked body counts as unbounded)."""
+        length = next((v for k, v in cycle.scope["headers"] if k == b"content-length"), None)
+        if length is None or not length.isdigit():
+            return DISCARD_MAX + 1
+        return int(length) - self.body_seen
 
     def shutdown(self) -> None:
         """The server stops: close now if idle, else after the current answer."""
@@ -340,7 +422,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._idle_timer = None
         if self.transport.is_closing():
             return
-        if self.active is not None or self.parsing is not None:
+        if self.active is not None:
             self._arm_idle()  # busy: look again later
             return
         quiet = self.loop.time() - self._idle_since
@@ -388,7 +470,7 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.read_paused and not self.queue:
+        if self.read_paused and not self.queue and not self.refusal:  # after a refusal nothing more is read
             self.read_paused = False
             if not self.transport.is_closing():
                 self.transport.resume_reading()

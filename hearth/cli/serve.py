@@ -129,6 +129,11 @@ async def _run(settings: Settings, sock: socket.socket) -> tuple[int, list[int]]
             await server.serve(sockets=[sock])
         finally:
             watcher.cancel()
+            # uvicorn cancels what outlived the graceful timeout but does not wait: let those requests
+            # record their usage before the lifespan closes the engines and the database
+            pending = [t for t in server.server_state.tasks if not t.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=2)
     return (0 if server.started else 1), server.caught
 
 
