@@ -250,7 +250,7 @@ def test_stream_idle_bound_ends_a_silent_stream(tmp_path: Path) -> None:
                           json={"model": "fake", "messages": ASK, "stream": True, "max_tokens": 50}) as r:
             text = r.read().decode()
         assert "stream_idle_timeout" in text and "[DONE]" not in text
-        out = hearth(srv.home, "usage", "--by", "model", "--json").stdout
+        out = hearth(srv.home, "usage", "--by", "model", "--json", "--url", srv.url).stdout
         assert json.loads(out)["rows"][0]["errors"] == 1
     finally:
         stop_server(srv)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, free_port, start_server, stop_server
 
 
 def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -118,14 +118,15 @@ def test_usage_and_privacy_come_from_the_running_server(tmp_path: Path) -> None:
         assert usage.returncode == 0 and json.loads(usage.stdout)["by"] == "model", usage.stderr
     finally:
         stop_server(server)
-    alone = run(tmp_path, "privacy", "--json", HEARTH_PORT="9")  # no server: this machine's database
+    alone = run(tmp_path, "privacy", "--json", HEARTH_PORT=str(free_port()))  # no server: this machine's database
     assert alone.returncode == 0 and "read this machine's database" in alone.stderr
     assert not any(h["url"] == "http://127.0.0.1:9" for h in json.loads(alone.stdout)["outbound"])
 
 
 def test_an_unusable_home_or_database_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("not a folder")
-    one_line_error(run(tmp_path, "usage", HEARTH_HOME=str(tmp_path / "afile"), HEARTH_PORT="9"), "afile")
+    one_line_error(run(tmp_path, "usage", HEARTH_HOME=str(tmp_path / "afile"), HEARTH_PORT=str(free_port())),
+                   "afile")
     home = tmp_path / "garbage"
     home.mkdir()
     (home / "hearth.db").write_bytes(b"this is not sqlite at all" * 100)

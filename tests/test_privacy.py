@@ -99,7 +99,9 @@ def guard_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 
 def cli_env(home: Path) -> dict[str, str]:
-    return {**os.environ, "HEARTH_HOME": str(home), "HEARTH_CONFIG": str(home / "hearth.toml")}
+    """The CLI on `home` with no server to ask (a port nothing listens on): it reads the home itself."""
+    return {**os.environ, "HEARTH_HOME": str(home), "HEARTH_CONFIG": str(home / "hearth.toml"),
+            "HEARTH_PORT": str(free_port())}
 
 
 def test_guard_catches_what_it_should(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from hearth.models.fit import Shape, check, estimate
 from hearth.models.hardware import GPU, Hardware, parse_cpuinfo, parse_meminfo, parse_nvidia_smi, parse_rocm_smi
 from hearth.models.manifest import split_name
 from hearth.models.store import ModelInUse, ModelStore
+from tests.conftest import free_port
 from tests.fake_sources import make_gguf
 
 
@@ -67,7 +68,8 @@ def test_unsafe_names_rejected(bad: str) -> None:
 
 
 def test_cli_list_import_rm(tmp_path: Path) -> None:
-    env = {**os.environ, "HEARTH_HOME": str(tmp_path / "home"), "HEARTH_CONFIG": str(tmp_path / "none.toml")}
+    env = {**os.environ, "HEARTH_HOME": str(tmp_path / "home"), "HEARTH_CONFIG": str(tmp_path / "none.toml"),
+           "HEARTH_PORT": str(free_port())}  # no server to ask what is loaded
     (tmp_path / "none.toml").write_text("")
     gguf = make_gguf(tmp_path / "t.gguf")
 
