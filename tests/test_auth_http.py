@@ -311,15 +311,17 @@ def test_head_requests_get_the_model_check(server: Server) -> None:
 def test_refusals_after_the_key_is_known_are_recorded_against_it(server: Server) -> None:
     admin = new_key(server.home, "root", "--role", "admin")
     secret = new_key(server.home, "lim", "--rpm", "1")
-    chat(server, secret)
+    # a refusal after admission costs a request, as it counts when the server restores the window
+    assert httpx.get(server.url + "/admin/keys", headers={"Authorization": f"Bearer {secret}"}).status_code == 403
     for _ in range(2):
         with pytest.raises(openai.RateLimitError):
             chat(server, secret)
-    assert httpx.get(server.url + "/admin/keys", headers={"Authorization": f"Bearer {secret}"}).status_code == 403
+    chat_ok = httpx.get(server.url + "/admin/keys", headers={"Authorization": f"Bearer {secret}"})
+    assert chat_ok.status_code == 429
     rows = httpx.get(server.url + "/admin/usage", params={"by": "key"},
                      headers={"Authorization": f"Bearer {admin}"}).json()["rows"]
     lim = next(r for r in rows if r["key"] == "lim")
-    assert lim["requests"] == 4 and lim["errors"] == 3
+    assert lim["requests"] == 4 and lim["errors"] == 4
     assert not any(r["key"] == "(no key)" for r in rows), rows
 
 

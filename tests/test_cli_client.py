@@ -101,6 +101,10 @@ def test_a_missing_or_weak_key_gets_the_envelope_message_and_a_key_hint(tmp_path
     assert '{"error"' not in missing.stderr
     weak = run(tmp_path, "usage", "--url", server.url, "--api-key", user_key)
     one_line_error(weak, "HTTP 403", "needs an admin key")
+    port = server.url.rsplit(":", 1)[1]  # the owner on this machine, no --url: the database itself
+    own = run(tmp_path, "usage", "--json", HEARTH_PORT=port, HEARTH_HOME=str(server.home))
+    assert own.returncode == 0 and "wants a key" in own.stderr
+    assert {r["key"] for r in json.loads(own.stdout)["rows"]} == {"app"}  # the 403 above, read locally
 
 
 def test_usage_and_privacy_come_from_the_running_server(tmp_path: Path) -> None:

@@ -371,6 +371,12 @@ def test_a_body_the_app_never_read_is_dropped_and_the_connection_goes_on() -> No
         assert not rec.paused
     run(early, huge)
 
+    async def unsent(proto: HTTPProtocol, rec: Recorder) -> None:  # told no `100 Continue`: may never send it
+        proto.data_received(b"POST /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
+        await steps()
+        assert rec.output.startswith(b"HTTP/1.1 404") and b"100 Continue" not in rec.output and rec.ended
+    run(early, unsent)
+
 
 def test_an_app_that_fails_gets_a_500_before_its_answer_and_a_cut_after() -> None:
     async def early(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -212,9 +212,12 @@ def test_cli_rm_refuses_a_model_the_running_server_has_loaded(tmp_path: Path) ->
     import threading
 
     class PS(http.server.BaseHTTPRequestHandler):
+        """/api/ps of a server with keys: it answers only with the key."""
+
         def do_GET(self) -> None:  # noqa: N802
             body = json.dumps({"models": [{"name": "t:1", "model": "t:1"}]}).encode()
-            self.send_response(200 if self.path == "/api/ps" else 404)
+            keyed = self.headers.get("Authorization") == "Bearer hk-test-key"
+            self.send_response(401 if not keyed else 200 if self.path == "/api/ps" else 404)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -233,7 +236,9 @@ def test_cli_rm_refuses_a_model_the_running_server_has_loaded(tmp_path: Path) ->
 
     try:
         assert hearth("models", "import", str(make_gguf(tmp_path / "t.gguf")), "--name", "t:1").returncode == 0
-        refused = hearth("models", "rm", "t:1")
+        unasked = hearth("models", "rm", "t:1")
+        assert unasked.returncode == 2 and "answered 401" in unasked.stderr and "--api-key" in unasked.stderr
+        refused = hearth("models", "rm", "t:1", "--api-key", "hk-test-key")
         assert refused.returncode == 2 and "is loaded" in refused.stderr, refused.stderr
         assert hearth("models", "rm", "t:1", "--force").returncode == 0
     finally:
@@ -301,6 +306,18 @@ def test_an_idle_worker_on_replaced_weights_reloads(tmp_path: Path, monkeypatch:
         assert new.args.model_path == str(store.path("tiny:1b"))
 
     asyncio.run(go())
+
+    async def after_a_cli_pull() -> None:  # the CLI wrote over the name and pruned the blob; no rescan
+        sm.worker = None  # unloaded by keep-alive
+        store.import_file(make_gguf(tmp_path / "c.gguf", seed=4), "tiny:1b")
+        worker, _ = await engine._worker(sm, None)
+        assert worker.args.model_path == str(store.path("tiny:1b"))
+        sm.worker = None
+        store.remove("tiny:1b")
+        with pytest.raises(NotFound, match="is gone"):
+            await engine._worker(sm, None)
+
+    asyncio.run(after_a_cli_pull())
     loose = make_gguf(tmp_path / "loose.gguf", seed=2)
     engine._register("loose:latest", loose, [])
     loose.unlink()  # a file it served is gone (a forced rm of the bundled model): no longer listed

@@ -199,9 +199,11 @@ class Security:
         refusal is recorded against the key)."""
         if key is None:
             return
+        # charged first, as every refusal after admission is (and as the restart restores them: only 429s
+        # are left out there)
+        self.limiter.admit(key.id, key.rpm, key.tokens_per_day)
         if needs_admin(scope["path"]) and key.role != "admin":
             raise Forbidden(f"{scope['path']} needs an admin key; this key's role is {key.role!r}")
-        self.limiter.admit(key.id, key.rpm, key.tokens_per_day)
 
     def path_facts(self, scope: Scope) -> tuple[str, str, bool]:
         """The route template a path matched (bounded cardinality for metrics and usage), its dialect,

@@ -122,8 +122,7 @@ class Cycle:
         if not self.started:
             if kind != "http.response.start":
                 raise RuntimeError(f"expected ASGI message 'http.response.start', got {kind!r}")
-            self.started = True
-            self.expect_continue = False
+            self.started = True  # (expect_continue stays: true at the end means `100 Continue` never went)
             head = self.head = self._head(message["status"], message.get("headers") or ())
             if self.chunked:
                 conn.hold(head)  # a stream: its head leaves by the end of this step, body or not

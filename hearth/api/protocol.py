@@ -360,8 +360,10 @@ class HTTPProtocol(asyncio.Protocol):
         self.active = None
         if self.transport.is_closing():
             return
-        if cycle is self.parsing and self._unread_body(cycle) > DISCARD_MAX:
-            self._linger()  # a big body it never read: closing beats reading it all to drop it
+        if cycle is self.parsing and (cycle.expect_continue or self._unread_body(cycle) > DISCARD_MAX):
+            # a big body it never read: closing beats reading it all to drop it; and a client told no
+            # `100 Continue` may never send its body, so the next bytes could be a request or that body
+            self._linger()
             return
         if self.refusal and not self.queue:
             self.flush()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
+from hearth.cli.ps import url_host_part
 from hearth.cli.table import print_table
 from hearth.core.errors import HearthError
 from hearth.models import catalog
@@ -39,7 +41,7 @@ def _out(args: argparse.Namespace, data: Any) -> bool:
     return False
 
 
-def _server_loaded(settings: Settings) -> set[str] | None:
+def _server_loaded(settings: Settings, api_key: str | None = None) -> set[str] | None:
     """Names a running local server has loaded; None when no server listens there.
 
     Raises HearthError when a server answers but will not say (a key is needed, say).
@@ -48,14 +50,17 @@ def _server_loaded(settings: Settings) -> set[str] | None:
     import urllib.request
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    url = f"http://{host}:{settings.port}/api/ps"
+    url = f"http://{url_host_part(host)}:{settings.port}/api/ps"
+    key = api_key or os.environ.get("HEARTH_API_KEY")
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+        with urllib.request.urlopen(req, timeout=2) as resp:
             return {m.get("name") or m.get("model") for m in json.loads(resp.read()).get("models", [])}
     except urllib.error.HTTPError as exc:
+        hint = "pass a key with --api-key (HEARTH_API_KEY)" if exc.code in (401, 403) else "stop it first"
         raise HearthError(f"the server at {host}:{settings.port} did not say which models are loaded "
-                          f"(GET /api/ps answered {exc.code}); stop it first or pass --force") from None
-    except (OSError, ValueError):
+                          f"(GET /api/ps answered {exc.code}); {hint}, or pass --force") from None
+    except (OSError, ValueError, UnicodeEncodeError):
         return None
 
 
@@ -99,7 +104,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> int:
     aliases = settings.alias_targets
-    loaded = set() if args.force else (_server_loaded(settings) or set())  # a blob under a running worker
+    loaded = set() if args.force else (_server_loaded(settings, args.api_key) or set())  # under a running worker
     m = _store(settings).remove(args.name, loaded=loaded, aliases=aliases, force=args.force)
     print(f"deleted {m.name}")
     return 0
@@ -275,7 +280,9 @@ def add_parser(sub: Any) -> None:
     command("show", cmd_show, "all metadata of one model").add_argument("name")
     p = command("rm", cmd_rm, "delete a model (refuses loaded models and alias targets)", False)
     p.add_argument("name")
-    p.add_argument("--force", action="store_true", help="delete even if it is an alias target")
+    p.add_argument("--force", action="store_true", help="delete even if it is loaded or an alias target")
+    p.add_argument("--api-key", help="a key for asking the running server what is loaded, if it has keys "
+                                     "(env HEARTH_API_KEY)")
     p = command("cp", cmd_cp, "a new name for a model (no bytes copied)", False)
     p.add_argument("src")
     p.add_argument("dst")

@@ -146,12 +146,17 @@ def from_server(args: argparse.Namespace, settings: Settings, path: str) -> dict
     from hearth.cli.main import fail
 
     url = server_url(settings, args.url)
+    chosen = bool(args.url or os.environ.get("HEARTH_URL"))
     try:
         return fetch_json(url, path, args.api_key or os.environ.get("HEARTH_API_KEY"))
     except ServerError as exc:
+        if exc.status in (401, 403) and not chosen:  # this machine's owner can read the database itself
+            print(f"hearth: the server at {url} wants {'an admin' if exc.status == 403 else 'a'} key "
+                  "(--api-key); read this machine's database instead", file=sys.stderr)
+            return None
         return fail(str(exc), key_hint(exc.status, path) or "check --url")
     except Unreachable:
-        if args.url or os.environ.get("HEARTH_URL"):
+        if chosen:
             return fail(f"cannot reach hearth at {url}", "check --url (HEARTH_URL), or leave it out to read "
                         "this machine's database")
         print(f"hearth: no server at {url}; read this machine's database instead", file=sys.stderr)

@@ -198,11 +198,13 @@ class LlamaCppEngine:
                 self._register(name, path, [])
                 if name in self.served:
                     self.served[name].info.metadata["hearth.store"] = True
-            elif sm.info.metadata.get("hearth.store") and sm.path != path:
-                # pulled again or copied over: serve the new blob (a loaded worker reloads when idle)
+            elif sm.path != path and (sm.info.metadata.get("hearth.store") or name == BUNDLED_NAME):
+                # pulled again or copied over: serve the new blob (a loaded worker reloads when idle);
+                # the bundled entry stays unmarked, so leaving the store does not drop the default model
                 info = self._info(name, path, [])
                 if info is not None:
-                    info.metadata["hearth.store"] = True
+                    if sm.info.metadata.get("hearth.store"):
+                        info.metadata["hearth.store"] = True
                     sm.info, sm.path = info, path
         # unloaded ones that left the store, or whose file is gone (a forced rm of the bundled model)
         for name in [n for n, sm in self.served.items() if sm.worker is None and (
@@ -238,6 +240,11 @@ class LlamaCppEngine:
         """The model's live worker (starting one if needed) and load time in ns."""
         assert sm.lock is not None
         async with sm.lock:
+            if (sm.worker is None or not sm.worker.alive) and not sm.path.exists():
+                self.refresh_store()  # the store changed under us (a pull or cp from the CLI): follow it
+                if not sm.path.exists():
+                    raise NotFound(f"the file of model {sm.info.id!r} is gone ({sm.path}); pull or import "
+                                   "it again", param="model")
             load_ns = 0
             stale = sm.worker is not None and sm.worker.args.model_path != str(sm.path) and not sm.worker.outstanding
             if sm.worker is None or not sm.worker.alive or stale:
