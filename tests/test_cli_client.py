@@ -166,3 +166,14 @@ def test_banner_and_ps_sizes() -> None:
     assert "http://[::1]:8080/v1" in text and '"model": "fake-embed:latest"' in text
     assert '"model": "fake:latest"' in banner(Settings(fake=True), 8080)
     assert [megabytes(n) for n in (0, 1024, 291_000_000, 5_400_000_000)] == ["-", "<1 MB", "291 MB", "5.4 GB"]
+
+
+def test_keys_cli_takes_comma_separated_models_and_says_when_all_were_revoked(tmp_path: Path) -> None:
+    made = run(tmp_path, "keys", "create", "t1", "--models", "llama*,embed", "--json")
+    assert json.loads(made.stdout)["key"]["models"] == ["llama*", "embed"], made.stderr
+    assert json.loads(run(tmp_path, "keys", "create", "t2", "--models", "a*", "b", "--json").stdout)["key"][
+        "models"] == ["a*", "b"]
+    for name in ("t1", "t2"):
+        assert run(tmp_path, "keys", "revoke", name).returncode == 0
+    listed = run(tmp_path, "keys", "list")
+    assert "no live keys" in listed.stdout and "still asks for one" in listed.stdout, listed.stdout

@@ -74,6 +74,8 @@ def test_openai_client_gets_reasoning_content(server: Server, fakes: FakePair) -
     ({"think": False}, "olla", {"think": False}),
     ({"think": "high"}, "oai", {"reasoning_effort": "high"}),
     ({"think": False}, "oai", {"chat_template_kwargs": {"enable_thinking": False}}),
+    ({"think": True}, "oai", {"chat_template_kwargs": {"enable_thinking": True}}),  # was sent nothing
+    ({"options": {"repeat_last_n": 32}}, "oai", {"repeat_last_n": 32}),  # llama-server takes it: not dropped
 ])
 def test_think_is_passed_on_in_the_upstreams_terms(server: Server, fakes: FakePair, ask: dict[str, Any], which: str,
                                                    sent: dict[str, Any]) -> None:

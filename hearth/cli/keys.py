@@ -55,7 +55,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     store = open_store(_settings(args))
     try:
         expires = parse_when(args.expires) if args.expires else None
-        key, secret = store.create(args.name, role=args.role, models=args.models or ["*"],
+        patterns = [p.strip() for arg in args.models or () for p in arg.split(",") if p.strip()]  # a,b or a b
+        key, secret = store.create(args.name, role=args.role, models=patterns or ["*"],
                                    allow_cloud=args.allow_cloud, rpm=args.rpm,
                                    tokens_per_day=args.tokens_per_day, expires_at=expires)
     except KeyError_ as exc:
@@ -70,7 +71,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps({"keys": [k.as_dict() for k in keys]}, indent=2))
         return 0
     if not keys:
-        print("no keys yet: the server needs none on loopback. Create one with `hearth keys create NAME`.")
+        store = open_store(_settings(args))
+        if store.any_keys():  # revoking every key does not open the server again
+            print("no live keys: all were revoked, and the server still asks for one. Create one with "
+                  "`hearth keys create NAME` (`--all` lists the revoked).")
+        else:
+            print("no keys yet: the server needs none on loopback. Create one with `hearth keys create NAME`.")
         return 0
     from hearth.cli.table import print_table
 
@@ -109,7 +115,7 @@ def register(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) ->
     create = ksub.add_parser("create", help="create a key and print its secret once")
     create.add_argument("name", help="a name for the app or person using it (e.g. paperless)")
     create.add_argument("--role", choices=ROLES, default="user", help="admin manages keys; user/service use models")
-    create.add_argument("--models", nargs="+", metavar="PATTERN", help="allowed models (fnmatch, e.g. 'gemma3*')")
+    create.add_argument("--models", nargs="+", metavar="PATTERN", help="allowed models (fnmatch, e.g. 'gemma3*' embed, or comma-separated)")
     create.add_argument("--allow-cloud", action="store_true", help="may use cloud upstreams (prompts leave the box)")
     create.add_argument("--rpm", type=int, help="requests per minute")
     create.add_argument("--tokens-per-day", type=int, help="prompt + completion tokens per day")

@@ -23,8 +23,8 @@ FINISH = {"stop": "stop", "length": "length", "eos": "stop", "content_filter": "
           "tool_calls": "tool_calls", "function_call": "stop"}
 # Sampling fields of the OpenAI API itself; the others are llama.cpp/vLLM extras.
 STANDARD = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias"}
-EXTRAS = {"top_k", "min_p", "repeat_penalty"}
-UNSUPPORTED = {"repeat_last_n", "num_ctx", "keep_alive"}
+EXTRAS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n"}  # llama-server takes all four
+UNSUPPORTED = {"num_ctx", "keep_alive"}
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                    "repeat_penalty", "repeat_last_n", "logit_bias")  # in `_sampling`'s order
 # An SSE data line's value, trimmed. The value ends at its last non-blank byte: a lazy `(.*?)` before
@@ -131,15 +131,16 @@ class OpenAIWire:
                 drop(key)
 
     def _think(self, body: dict[str, Any], req: GenerateRequest, drop: Callable[[str], None]) -> None:
-        """An effort is `reasoning_effort`; thinking models think unasked; "off" is the chat template's
-        `enable_thinking` switch (vLLM, llama-server, SGLang), which a cloud API does not take."""
+        """An effort is `reasoning_effort`; on and off are the chat template's `enable_thinking` switch
+        (vLLM, llama-server, SGLang), which a cloud API does not take (its reasoning models think
+        unasked)."""
         if isinstance(req.think, str):
             body["reasoning_effort"] = req.think
-        elif req.think is False:
+        elif isinstance(req.think, bool):
             if self.cloud:
                 drop("think")
             else:
-                body["chat_template_kwargs"] = {"enable_thinking": False}
+                body["chat_template_kwargs"] = {"enable_thinking": req.think}
 
     def parser(self, chat: bool) -> SSEParser:
         """A parser for one streamed response."""
