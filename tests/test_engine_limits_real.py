@@ -86,3 +86,23 @@ def test_an_unload_during_a_request_is_kept_and_ready_does_not_reload(edge_serve
     assert httpx.get(edge_server.url + "/ready").status_code == 200
     time.sleep(0.5)
     assert loaded(edge_server) == []  # a readiness probe does not load the model again
+
+
+def _worker_rss_mb(server: Server) -> int:
+    """Resident memory of the server's engine worker (its child process)."""
+    children = [int(p) for p in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()]
+    assert children, "no engine worker"
+    status = Path(f"/proc/{children[0]}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) // 1024
+
+
+def test_a_long_embedding_input_does_not_keep_gigabytes(real_server: Server) -> None:
+    """llama.cpp keeps a row of logits (1 MB with this vocabulary) per token of an embedding batch."""
+    client = ollama.Client(host=real_server.url, timeout=300)
+    client.embed(model=MODEL, input="warm up")
+    before = _worker_rss_mb(real_server)
+    long = client.embed(model=MODEL, input="word " * 2000)  # 2000 tokens in one batch held 2 GB for good
+    short = client.embed(model=MODEL, input="word " * 3)
+    assert len(long.embeddings[0]) == len(short.embeddings[0]) == 640
+    grew = _worker_rss_mb(real_server) - before
+    assert grew < 700, f"the worker grew by {grew} MB"

@@ -17,6 +17,8 @@ import llama_cpp as L
 
 from hearth.engines.llamacpp.native_spec import SamplerSpec
 
+EMBED_STEP = 128  # tokens per embedding decode: bounds the logits llama.cpp keeps (a row per token)
+
 
 def silence_logs() -> None:
     """Keep llama.cpp's chatter (it logs every tensor) out of hearth's log."""
@@ -263,20 +265,30 @@ class Model:
 
     # -- embeddings -----------------------------------------------------------
     def embed_one(self, text: str, truncate: bool) -> tuple[list[float], int]:
-        """Mean-pooled, L2-normalised embedding of one text (one decode)."""
+        """Mean-pooled, L2-normalised embedding of one text.
+
+        llama.cpp makes every token of an embedding batch an output, with a full
+        row of logits each: a 4096-token text in one batch held 4 GB for the
+        worker's life. So the text goes through in steps of EMBED_STEP tokens
+        (one sequence, its KV cache carried on), each token's hidden state is
+        taken unpooled and the mean is made here: the same vector as llama.cpp's
+        MEAN pooling over one batch, in bounded memory.
+        """
+        import numpy as np
+
         if self._ectx is None:
             cparams = L.llama_context_default_params()
             cparams.n_ctx = self.n_ctx_seq
-            cparams.n_batch = self.n_ctx_seq
-            cparams.n_ubatch = self.n_ctx_seq
+            cparams.n_batch = EMBED_STEP
+            cparams.n_ubatch = EMBED_STEP
             cparams.n_seq_max = 1
             cparams.n_threads = self.threads
             cparams.n_threads_batch = self.threads
             cparams.embeddings = True
-            cparams.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+            cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE
             cparams.no_perf = True
             self._ectx = L.llama_init_from_model(self.model, cparams)
-            self._ebatch = L.llama_batch_init(self.n_ctx_seq, 0, 1)
+            self._ebatch = L.llama_batch_init(EMBED_STEP, 0, 1)
         tokens = self.tokenize(text, add_special=True)
         if len(tokens) > self.n_ctx_seq:
             if not truncate:
@@ -284,17 +296,20 @@ class Model:
             tokens = tokens[: self.n_ctx_seq]
         L.llama_memory_clear(L.llama_get_memory(self._ectx), True)
         b = self._ebatch
-        b.n_tokens = 0
-        for pos, tok in enumerate(tokens):
-            b.token[pos] = tok
-            b.pos[pos] = pos
-            b.n_seq_id[pos] = 1
-            b.seq_id[pos][0] = 0
-            b.logits[pos] = True
-        b.n_tokens = len(tokens)
-        if L.llama_decode(self._ectx, b) != 0:
-            raise RuntimeError("llama_decode failed while embedding")
-        ptr = L.llama_get_embeddings_seq(self._ectx, 0)
-        vec = [float(ptr[i]) for i in range(self.n_embd)]
-        norm = math.sqrt(sum(x * x for x in vec)) or 1.0
-        return [x / norm for x in vec], len(tokens)
+        total = np.zeros(self.n_embd, dtype=np.float64)
+        for start in range(0, len(tokens), EMBED_STEP):
+            step = tokens[start:start + EMBED_STEP]
+            for i, tok in enumerate(step):
+                b.token[i] = tok
+                b.pos[i] = start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = True
+            b.n_tokens = len(step)
+            if L.llama_decode(self._ectx, b) != 0:
+                raise RuntimeError("llama_decode failed while embedding")
+            rows = np.ctypeslib.as_array(L.llama_get_embeddings(self._ectx), shape=(len(step) * self.n_embd,))
+            total += rows.reshape(len(step), self.n_embd).sum(axis=0, dtype=np.float64)
+        vec = total / len(tokens)
+        norm = float(np.sqrt(np.dot(vec, vec))) or 1.0
+        return [float(x) / norm for x in vec], len(tokens)
