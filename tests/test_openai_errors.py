@@ -121,6 +121,9 @@ def test_bad_embeddings(server: Server) -> None:
     assert_envelope(post(server, "/v1/embeddings", {"input": "x", "encoding_format": "hex"}), 400,
                     "encoding_format")
     assert_envelope(post(server, "/v1/embeddings", {"input": "x", "dimensions": 3}), 400, "16")
+    for empty in ("", ["a", ""]):  # the spec: not an empty string (it embedded the BOS token alone)
+        assert_envelope(post(server, "/v1/embeddings", {"input": empty}), 400, "empty string")
+    assert post(server, "/v1/embeddings", {"input": "x", "encoding_format": None}).status_code == 200
 
 
 def test_bad_completions(server: Server) -> None:

@@ -223,6 +223,8 @@ def embed_request(req: w.EmbeddingRequest) -> EmbedRequest:
         raise BadRequest("input must not be empty", param="input")
     if not all(isinstance(x, str) for x in inputs):
         raise BadRequest("token-id inputs are not supported; send text", param="input")
+    if any(not x for x in inputs):  # the spec: "cannot be an empty string" (it would embed BOS alone)
+        raise BadRequest("input must not contain an empty string", param="input")
     return EmbedRequest(model=req.model or "", inputs=list(inputs), dimensions=req.dimensions)  # type: ignore[arg-type]
 
 

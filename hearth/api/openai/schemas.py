@@ -117,3 +117,9 @@ class EmbeddingRequest(Wire):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+    @field_validator("encoding_format", mode="before")
+    @classmethod
+    def _null_is_float(cls, value: Any) -> Any:
+        """null is the default, as for `n` and `stream`."""
+        return "float" if value is None else value
