@@ -284,3 +284,33 @@ def test_aclose_reaches_the_inner_generation() -> None:
     inner = Scripted(["x"])
     asyncio.run(ToolCallGeneration(inner, NAMES, forced=False).aclose())
     assert inner.closed
+
+
+NULLABLE_UNIT = {"type": "object", "properties": {
+    "city": {"type": "string"},
+    "unit": {"type": ["string", "null"], "enum": ["celsius", "fahrenheit", None]}},
+    "required": ["city", "unit"], "additionalProperties": False}
+
+
+def test_a_type_list_keeps_the_keywords_beside_it_in_the_grammar() -> None:
+    """OpenAI's strict mode writes optional fields as ["X", "null"]: the converter dropped their enum."""
+    from hearth.core.types import ResponseFormat
+    from hearth.engines.llamacpp.native_spec import grammar_for
+
+    strict = {"type": "function", "function": {"name": "weather", "parameters": NULLABLE_UNIT, "strict": True}}
+    g = tool_calls.grammar(GenerateRequest(model="m", messages=[], tools=[strict], tool_choice="required"))
+    assert '"\\"celsius\\""' in g and '"\\"fahrenheit\\""' in g
+    fmt = ResponseFormat(type="json_schema", schema=NULLABLE_UNIT, strict=True)
+    g = grammar_for(GenerateRequest(model="m", messages=[], response_format=fmt))
+    assert g is not None and '"\\"celsius\\""' in g and "string ::=" not in g.split("unit-kv")[0].split("unit ::=")[-1]
+
+
+@pytest.mark.parametrize(("schema", "words"), [
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "allOf": [{"required": ["a"]}]}, "'allOf'"),
+    ({"type": "array", "prefixItems": [{"type": "string"}], "minItems": 2}, "prefixItems"),
+])
+def test_keywords_the_converter_takes_one_at_a_time_are_refused_together(schema: dict, words: str) -> None:
+    from hearth.core.structured import check_enforceable
+
+    with pytest.raises(BadRequest, match=words):
+        check_enforceable(schema)

@@ -35,6 +35,29 @@ SCHEMA_MAPS = ("properties", "$defs", "definitions")
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
+def for_grammar(schema: Any) -> Any:
+    """`schema` as the GBNF converter reads it right.
+
+    A type list (`"type": ["string", "null"]`, how OpenAI's strict mode writes an
+    optional field) makes the converter build a bare union of the types and drop
+    every other keyword beside it (an `enum`, `properties`, `maxLength`); as an
+    `anyOf` of one schema per type, each keeps them.
+    """
+    if isinstance(schema, list):
+        return [for_grammar(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (for_grammar(v) if k in SCHEMA_LISTS or k in ("items", "additionalProperties", "not") else
+               {n: for_grammar(s) for n, s in v.items()} if k in SCHEMA_MAPS and isinstance(v, dict) else v)
+           for k, v in schema.items()}
+    types = out.get("type")
+    if isinstance(types, list) and len(out) > 1:
+        rest = {k: v for k, v in out.items() if k != "type" and k not in ANNOTATIONS}
+        notes = {k: v for k, v in out.items() if k in ANNOTATIONS}
+        return {**notes, "anyOf": [{**rest, "type": t} if t != "null" else {"type": "null"} for t in types]}
+    return out
+
+
 def check_enforceable(schema: Any, path: str = "$") -> None:
     """Raise BadRequest naming the first keyword a grammar cannot enforce."""
     if isinstance(schema, bool):
@@ -42,6 +65,7 @@ def check_enforceable(schema: Any, path: str = "$") -> None:
     if not isinstance(schema, dict):
         raise BadRequest(f"response_format schema at {path} must be an object, got {type(schema).__name__}",
                          param="response_format")
+    _refuse_combinations(schema, path)
     for key, value in schema.items():
         if key not in ENFORCED and key not in ANNOTATIONS:
             raise BadRequest(
@@ -71,6 +95,20 @@ def check_enforceable(schema: Any, path: str = "$") -> None:
     except jsonschema.SchemaError as exc:
         raise BadRequest(f"response_format schema is not a valid JSON schema: {exc.message}",
                          param="response_format") from None
+
+
+def _refuse_combinations(schema: dict[str, Any], path: str) -> None:
+    """Keywords the converter takes one at a time: together, one of them would be lost unsaid."""
+    combined = [k for k in ("allOf", "anyOf", "oneOf") if k in schema]
+    if combined and "properties" in schema:
+        raise BadRequest(f"JSON schema at {path} has 'properties' beside {combined[0]!r}, which the grammar "
+                         f"cannot enforce together; move the properties into each {combined[0]!r} branch "
+                         "(or merge the branches into one 'properties')", param="response_format",
+                         code="unsupported_schema_keyword")
+    if "prefixItems" in schema and ("minItems" in schema or "maxItems" in schema):
+        raise BadRequest(f"JSON schema at {path} has 'prefixItems' with 'minItems'/'maxItems', which the grammar "
+                         "cannot enforce together; list every position in 'prefixItems' instead",
+                         param="response_format", code="unsupported_schema_keyword")
 
 
 def check_schema(schema: Any) -> None:

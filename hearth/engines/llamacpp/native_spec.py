@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 from hearth.core.errors import BadRequest
+from hearth.core.structured import for_grammar
 from hearth.core.types import GenerateRequest
 
 
@@ -41,7 +42,7 @@ def grammar_for(req: GenerateRequest) -> str | None:
     if fmt.type == "json" or fmt.schema is None:
         return JSON_GBNF  # root ::= object, as json_object promises
     try:
-        return json_schema_to_gbnf(json.dumps(fmt.schema))
+        return json_schema_to_gbnf(json.dumps(for_grammar(fmt.schema)))
     except (AssertionError, ValueError, KeyError, TypeError) as exc:
         raise BadRequest(
             f"response_format schema cannot be turned into a grammar: {exc}; simplify the schema",

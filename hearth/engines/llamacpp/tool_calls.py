@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 from hearth.core.errors import BadRequest
-from hearth.core.structured import check_enforceable
+from hearth.core.structured import check_enforceable, for_grammar
 from hearth.core.tools import arguments_object, new_call_id
 from hearth.core.types import GenerateRequest, Message, ToolCall
 
@@ -144,7 +144,7 @@ def grammar(req: GenerateRequest) -> str:
                         "required": ["name", "arguments"], "additionalProperties": False})
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     try:
-        body = json_schema_to_gbnf(json.dumps(schema))
+        body = json_schema_to_gbnf(json.dumps(for_grammar(schema)))
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BadRequest(f"a tool's parameters cannot be turned into a grammar: {exc}; simplify the schema",
                          param="tools") from None
