@@ -170,7 +170,7 @@ def test_grammar_required_offers_every_tool_and_parallel_only_when_asked() -> No
     one = tool_calls.grammar(_req("required"))
     assert "get_weather" in one and '"\\"add\\""' in one and "root ::= hearth-call\n" in one
     many = tool_calls.grammar(_req("required", parallel=True))
-    assert 'root ::= hearth-call ("\\n" hearth-call)*' in many
+    assert 'root ::= hearth-call ("\\n" hearth-call){0,%d}' % (tool_calls.MAX_CALLS - 1) in many  # bounded
     assert tool_calls.forced(_req("required")) and not tool_calls.forced(_req("auto"))
     assert not tool_calls.forced(_req("none")) and tool_calls.active_tools(_req("none")) == []
 
@@ -314,3 +314,15 @@ def test_keywords_the_converter_takes_one_at_a_time_are_refused_together(schema:
 
     with pytest.raises(BadRequest, match=words):
         check_enforceable(schema)
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_parallel_calls_cut_off_in_a_further_one_keep_the_whole_ones(forced: bool) -> None:
+    pieces = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n',
+              '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n',
+              '<tool_call>\n{"name": "']
+    out = _drain(ToolCallGeneration(Scripted(pieces, "length"), NAMES, forced=forced))
+    calls = [json.loads(c.arguments)["city"] for ch in out for c in ch.tool_calls]
+    assert calls == ["Paris", "Rome"] and out[-1].finish_reason == "tool_calls"
+    assert "<tool_call>" not in "".join(c.text for c in out)
+

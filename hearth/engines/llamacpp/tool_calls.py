@@ -121,6 +121,7 @@ def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
 
 # "auto": free text until the model opens a call, then the call follows the grammar.
 TRIGGER = r"[\s\S]*?(<tool_call>[\s\S]*)"
+MAX_CALLS = 8  # parallel calls one answer may hold (the grammar bounds them)
 
 
 def grammar(req: GenerateRequest) -> str:
@@ -153,7 +154,8 @@ def grammar(req: GenerateRequest) -> str:
     lazy = not forced(req)  # the model chose to open a call: let it lay it out as it likes
     ws = '[ \\t\\n]*' if lazy else '"\\n"'
     root = f'hearth-call ::= "<tool_call>" {ws} hearth-call-json {ws} "</tool_call>"\n'
-    root += f'root ::= hearth-call ({ws} hearth-call)*\n' if many else "root ::= hearth-call\n"
+    # a bound on parallel calls: small models asked for "one or more" repeat calls until max_tokens
+    root += f'root ::= hearth-call ({ws} hearth-call){{0,{MAX_CALLS - 1}}}\n' if many else "root ::= hearth-call\n"
     return root + body
 
 

@@ -55,6 +55,9 @@ class ToolCallGeneration:
 
     def _finish(self, pending: str, last: Chunk) -> list[Chunk]:
         parsed = tool_calls.parse(pending, self.names) if pending else None
+        if parsed is None and last.finish_reason == "length" and (cut := pending.rfind("<tool_call>")) > 0:
+            # parallel calls cut off in a further one: the whole calls before it stand
+            parsed = tool_calls.parse(pending[:cut].rstrip(), self.names)
         if parsed is None:
             if self.forced:
                 if last.finish_reason == "length":
