@@ -326,3 +326,12 @@ def test_parallel_calls_cut_off_in_a_further_one_keep_the_whole_ones(forced: boo
     assert calls == ["Paris", "Rome"] and out[-1].finish_reason == "tool_calls"
     assert "<tool_call>" not in "".join(c.text for c in out)
 
+
+
+def test_the_grammar_leaves_out_what_it_cannot_enforce() -> None:
+    from hearth.core.structured import for_grammar
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3},
+                                               "to": {"type": "string", "format": "email"}}}
+    assert for_grammar(schema) == {"type": "object", "properties": {"n": {"type": "integer"},
+                                                                    "to": {"type": "string"}}}

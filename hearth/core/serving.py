@@ -37,9 +37,9 @@ def check_request(req: GenerateRequest, grammar: bool = True) -> None:
     """
     if req.response_format.type != "json_schema":
         return
-    if grammar:
+    if grammar and req.response_format.strict:
         check_enforceable(req.response_format.schema)
-    else:
+    else:  # an upstream enforces it, or `strict: false` asked for best effort (the grammar leaves out the rest)
         check_schema(req.response_format.schema)
 
 

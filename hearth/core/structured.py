@@ -47,9 +47,13 @@ def for_grammar(schema: Any) -> Any:
         return [for_grammar(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (for_grammar(v) if k in SCHEMA_LISTS or k in ("items", "additionalProperties", "not") else
+    # keywords it cannot enforce are left out (a strict request was refused them up front; without
+    # strict they are best effort, checked on the finished text)
+    kept = {k: v for k, v in schema.items() if (k in ENFORCED or k in ANNOTATIONS)
+            and not (k == "format" and v not in FORMATS)}
+    out = {k: (for_grammar(v) if k in SCHEMA_LISTS or k in ("items", "additionalProperties") else
                {n: for_grammar(s) for n, s in v.items()} if k in SCHEMA_MAPS and isinstance(v, dict) else v)
-           for k, v in schema.items()}
+           for k, v in kept.items()}
     types = out.get("type")
     if isinstance(types, list) and len(out) > 1:
         rest = {k: v for k, v in out.items() if k != "type" and k not in ANNOTATIONS}
