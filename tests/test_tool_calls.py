@@ -335,3 +335,16 @@ def test_the_grammar_leaves_out_what_it_cannot_enforce() -> None:
                                                "to": {"type": "string", "format": "email"}}}
     assert for_grammar(schema) == {"type": "object", "properties": {"n": {"type": "integer"},
                                                                     "to": {"type": "string"}}}
+
+
+def test_a_strict_functions_arguments_are_checked_against_its_schema() -> None:
+    strict = {"get_weather": NULLABLE_UNIT}
+    bad = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}\n</tool_call>']
+    with pytest.raises(StructuredOutputError, match="strict function 'get_weather'.*unit") as err:
+        _drain(ToolCallGeneration(Scripted(bad), NAMES, forced=True, strict=strict))
+    assert err.value.code == "tool_call_invalid"
+    good = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": null}}\n</tool_call>']
+    out = _drain(ToolCallGeneration(Scripted(good), NAMES, forced=True, strict=strict))
+    assert out[-1].finish_reason == "tool_calls"
+    loose = _drain(ToolCallGeneration(Scripted(bad), NAMES, forced=True))  # not strict: the call as made
+    assert [c.name for ch in loose for c in ch.tool_calls] == ["get_weather"]

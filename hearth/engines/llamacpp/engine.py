@@ -355,7 +355,9 @@ class LlamaCppEngine:
         gen = LlamaGeneration(worker, rid, box, first[2], load_ns, t0, lambda: self._keep(sm, req.keep_alive))
         if tools:
             names = {t["function"]["name"] for t in tools}
-            return ToolCallGeneration(gen, names, tool_calls.forced(req))
+            strict = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
+                      for t in tools if t["function"].get("strict")}
+            return ToolCallGeneration(gen, names, tool_calls.forced(req), strict)
         return gen
 
     @staticmethod

@@ -11,19 +11,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from hearth.core.structured import StructuredOutputError
-from hearth.core.types import Chunk, TokenLogprob
+from hearth.core.structured import StructuredOutputError, output_problem
+from hearth.core.types import Chunk, ResponseFormat, TokenLogprob
 from hearth.engines.llamacpp import tool_calls
 
 
 class ToolCallGeneration:
     """Wraps an in-box generation of a request that offers tools."""
 
-    def __init__(self, inner: Any, names: set[str], forced: bool) -> None:
+    def __init__(self, inner: Any, names: set[str], forced: bool,
+                 strict: dict[str, dict[str, Any]] | None = None) -> None:
         self.inner = inner
         self.prompt_tokens: int = inner.prompt_tokens
         self.names = names
         self.forced = forced  # the grammar makes the whole answer calls: hold all of it
+        self.strict = strict or {}  # name -> parameters of each `strict: true` function
         self.held: list[TokenLogprob] = []  # log probabilities of text not sent yet (when asked for)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -68,10 +70,23 @@ class ToolCallGeneration:
                                             code="tool_call_invalid")
             return [Chunk(text=pending, logprobs=self._take()), last] if pending else [last]
         before, calls = parsed
+        for call in calls:
+            self._check_strict(call)
         out = [Chunk(text=before)] if before else []
         out.append(Chunk(tool_calls=tuple(calls), logprobs=self._take()))
         out.append(Chunk(finish_reason="tool_calls", usage=last.usage))
         return out
+
+    def _check_strict(self, call: Any) -> None:
+        """A strict function's arguments are checked against its schema: its promise, as a grammar
+        that left something out must not break it unnoticed."""
+        schema = self.strict.get(call.name)
+        if schema is None:
+            return
+        problem = output_problem(call.arguments, ResponseFormat(type="json_schema", schema=schema))
+        if problem:
+            raise StructuredOutputError(f"the call of strict function {call.name!r} does not match its "
+                                        f"parameters: {problem.removeprefix('the output ')}", code="tool_call_invalid")
 
     def _take(self) -> tuple[TokenLogprob, ...]:
         """The log probabilities held so far (they go out with the next chunk)."""
