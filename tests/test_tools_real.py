@@ -97,7 +97,8 @@ def test_parallel_calls_only_when_asked(openai_real: openai.OpenAI) -> None:
     many = openai_real.chat.completions.create(model=MODEL, messages=ask, tools=TOOLS[:1], tool_choice="required",
                                                temperature=0, max_tokens=200, parallel_tool_calls=True)
     calls = many.choices[0].message.tool_calls or []
-    assert 2 <= len(calls) <= tool_calls.MAX_CALLS and many.choices[0].finish_reason == "tool_calls"
+    assert 2 <= len(calls) <= tool_calls.MAX_CALLS  # "length" if max_tokens cut a further call
+    assert many.choices[0].finish_reason in ("tool_calls", "length")
     assert all(json.loads(c.function.arguments).get("city") for c in calls)  # each one whole
     assert "<tool_call>" not in (many.choices[0].message.content or "")
 

@@ -7,6 +7,7 @@ grammar cannot express is a 400 naming it) and validates the finished text.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -30,7 +31,7 @@ ANNOTATIONS = {
     "title", "description", "examples", "default", "$schema", "$id", "$comment",
     "deprecated", "readOnly", "writeOnly", "strict", "nullable",
 }
-FORMATS = {"date", "time", "date-time", "uuid"}
+FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
 SCHEMA_MAPS = ("properties", "$defs", "definitions")
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
@@ -55,11 +56,22 @@ def for_grammar(schema: Any) -> Any:
                {n: for_grammar(s) for n, s in v.items()} if k in SCHEMA_MAPS and isinstance(v, dict) else v)
            for k, v in kept.items()}
     types = out.get("type")
-    if isinstance(types, list) and len(out) > 1:
+    if isinstance(types, list) and len(out) > 1 and not any(k in out for k in ("$ref", "anyOf", "oneOf", "allOf")) \
+            and not _has_ref(out):  # the converter cannot follow a $ref (a recursive one) into the copies
         rest = {k: v for k, v in out.items() if k != "type" and k not in ANNOTATIONS}
-        notes = {k: v for k, v in out.items() if k in ANNOTATIONS}
-        return {**notes, "anyOf": [{**rest, "type": t} if t != "null" else {"type": "null"} for t in types]}
+        branches = [{**copy.deepcopy(rest), "type": t} if t != "null" else {"type": "null"} for t in types]
+        # the other keys stay beside the anyOf (which the converter reads first), so `$ref` paths into
+        # this node still resolve
+        return {k: v for k, v in out.items() if k != "type"} | {"anyOf": branches}
     return out
+
+
+def _has_ref(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return "$ref" in schema or any(_has_ref(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_has_ref(v) for v in schema)
+    return False
 
 
 def check_enforceable(schema: Any, path: str = "$") -> None:
@@ -109,7 +121,8 @@ def _refuse_combinations(schema: dict[str, Any], path: str) -> None:
                          f"cannot enforce together; move the properties into each {combined[0]!r} branch "
                          "(or merge the branches into one 'properties')", param="response_format",
                          code="unsupported_schema_keyword")
-    if "prefixItems" in schema and ("minItems" in schema or "maxItems" in schema):
+    n = len(schema["prefixItems"]) if isinstance(schema.get("prefixItems"), list) else 0
+    if n and not (schema.get("minItems", 0) <= n <= schema.get("maxItems", n)):  # the grammar gives exactly n
         raise BadRequest(f"JSON schema at {path} has 'prefixItems' with 'minItems'/'maxItems', which the grammar "
                          "cannot enforce together; list every position in 'prefixItems' instead",
                          param="response_format", code="unsupported_schema_keyword")

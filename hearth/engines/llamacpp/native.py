@@ -93,6 +93,7 @@ class Model:
         self.piece_max = PIECE_MAX
         self.threads = threads
         self._ectx: Any = None
+        self._estep = EMBED_STEP  # tokens per embedding decode (the whole text for an encoder)
         self._piece = ctypes.create_string_buffer(256)
         self._pool: ThreadPoolExecutor | None = None
 
@@ -264,6 +265,19 @@ class Model:
         return bool(L.llama_memory_seq_rm(self.mem, seq, p0, p1))
 
     # -- embeddings -----------------------------------------------------------
+    def _embedding_context(self, step: int) -> Any:
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_seq
+        cparams.n_batch = step
+        cparams.n_ubatch = step
+        cparams.n_seq_max = 1
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        cparams.embeddings = True
+        cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE
+        cparams.no_perf = True
+        return L.llama_init_from_model(self.model, cparams)
+
     def embed_one(self, text: str, truncate: bool) -> tuple[list[float], int]:
         """Mean-pooled, L2-normalised embedding of one text.
 
@@ -277,28 +291,25 @@ class Model:
         import numpy as np
 
         if self._ectx is None:
-            cparams = L.llama_context_default_params()
-            cparams.n_ctx = self.n_ctx_seq
-            cparams.n_batch = EMBED_STEP
-            cparams.n_ubatch = EMBED_STEP
-            cparams.n_seq_max = 1
-            cparams.n_threads = self.threads
-            cparams.n_threads_batch = self.threads
-            cparams.embeddings = True
-            cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE
-            cparams.no_perf = True
-            self._ectx = L.llama_init_from_model(self.model, cparams)
-            self._ebatch = L.llama_batch_init(EMBED_STEP, 0, 1)
+            self._ectx, self._estep = self._embedding_context(EMBED_STEP), EMBED_STEP
+            if not L.llama_get_memory(self._ectx):
+                # no KV cache (an encoder such as nomic-bert): steps would not see each other, so the
+                # whole text goes in one (encoders compute no logits, so it stays small)
+                L.llama_free(self._ectx)
+                self._ectx, self._estep = self._embedding_context(self.n_ctx_seq), self.n_ctx_seq
+            self._ebatch = L.llama_batch_init(self._estep, 0, 1)
         tokens = self.tokenize(text, add_special=True)
         if len(tokens) > self.n_ctx_seq:
             if not truncate:
                 raise OverflowError(len(tokens))
             tokens = tokens[: self.n_ctx_seq]
-        L.llama_memory_clear(L.llama_get_memory(self._ectx), True)
+        memory = L.llama_get_memory(self._ectx)
+        if memory:
+            L.llama_memory_clear(memory, True)
         b = self._ebatch
         total = np.zeros(self.n_embd, dtype=np.float64)
-        for start in range(0, len(tokens), EMBED_STEP):
-            step = tokens[start:start + EMBED_STEP]
+        for start in range(0, len(tokens), self._estep):
+            step = tokens[start:start + self._estep]
             for i, tok in enumerate(step):
                 b.token[i] = tok
                 b.pos[i] = start + i

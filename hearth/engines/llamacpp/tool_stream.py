@@ -57,9 +57,12 @@ class ToolCallGeneration:
 
     def _finish(self, pending: str, last: Chunk) -> list[Chunk]:
         parsed = tool_calls.parse(pending, self.names) if pending else None
+        cut_off = False
         if parsed is None and last.finish_reason == "length" and (cut := pending.rfind("<tool_call>")) > 0:
-            # parallel calls cut off in a further one: the whole calls before it stand
+            # parallel calls cut off in a further one: the whole calls before it stand, and the finish
+            # says the answer was cut (finish_reason "length")
             parsed = tool_calls.parse(pending[:cut].rstrip(), self.names)
+            cut_off = parsed is not None
         if parsed is None:
             if self.forced:
                 if last.finish_reason == "length":
@@ -74,7 +77,7 @@ class ToolCallGeneration:
             self._check_strict(call)
         out = [Chunk(text=before)] if before else []
         out.append(Chunk(tool_calls=tuple(calls), logprobs=self._take()))
-        out.append(Chunk(finish_reason="tool_calls", usage=last.usage))
+        out.append(Chunk(finish_reason="length" if cut_off else "tool_calls", usage=last.usage))
         return out
 
     def _check_strict(self, call: Any) -> None:
