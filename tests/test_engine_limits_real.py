@@ -106,3 +106,26 @@ def test_a_long_embedding_input_does_not_keep_gigabytes(real_server: Server) -> 
     assert len(long.embeddings[0]) == len(short.embeddings[0]) == 640
     grew = _worker_rss_mb(real_server) - before
     assert grew < 700, f"the worker grew by {grew} MB"
+
+
+def test_a_long_embedding_does_not_hold_up_a_chat(real_server: Server) -> None:
+    """A long text is embedded in pieces with generation steps between them."""
+    async def run() -> tuple[float, float]:
+        aclient = ollama.AsyncClient(host=real_server.url, timeout=300)
+        t0 = time.perf_counter()
+
+        async def embed() -> float:
+            await aclient.embed(model=MODEL, input="word " * 2000)
+            return time.perf_counter() - t0
+
+        async def chat() -> float:
+            await asyncio.sleep(1.0)  # the embedding is under way
+            await aclient.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                               options={"num_predict": 4})
+            return time.perf_counter() - t0
+
+        embedded, chatted = await asyncio.gather(embed(), chat())
+        return embedded, chatted
+
+    embedded, chatted = asyncio.run(run())
+    assert chatted < 0.5 * embedded, f"chat done at {chatted:.1f}s, the embedding at {embedded:.1f}s"

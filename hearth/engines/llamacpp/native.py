@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Generator
 from typing import Any
 
 import llama_cpp as L
@@ -279,7 +280,18 @@ class Model:
         return L.llama_init_from_model(self.model, cparams)
 
     def embed_one(self, text: str, truncate: bool) -> tuple[list[float], int]:
-        """Mean-pooled, L2-normalised embedding of one text.
+        """Mean-pooled, L2-normalised embedding of one text (all of `embed_steps` at once)."""
+        steps = self.embed_steps(text, truncate)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def embed_steps(self, text: str, truncate: bool) -> Generator[None, None, tuple[list[float], int]]:
+        """The embedding of one text, one decode per step (the worker runs generation in between);
+        returns the mean-pooled, L2-normalised vector and the token count. Raises OverflowError
+        (at the first step) for a text over the context without `truncate`.
 
         llama.cpp makes every token of an embedding batch an output, with a full
         row of logits each: a 4096-token text in one batch held 4 GB for the
@@ -321,6 +333,8 @@ class Model:
                 raise RuntimeError("llama_decode failed while embedding")
             rows = np.ctypeslib.as_array(L.llama_get_embeddings(self._ectx), shape=(len(step) * self.n_embd,))
             total += rows.reshape(len(step), self.n_embd).sum(axis=0, dtype=np.float64)
+            if start + self._estep < len(tokens):
+                yield  # more to come: generation gets a step first
         vec = total / len(tokens)
         norm = float(np.sqrt(np.dot(vec, vec))) or 1.0
         return [float(x) / norm for x in vec], len(tokens)

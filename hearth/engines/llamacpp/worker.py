@@ -121,7 +121,7 @@ class Worker:
         elif kind == "cancel":
             self.on_cancel(msg[1])
         elif kind == "embed":
-            self.embeds.append(list(msg[1:]) + [[], 0])
+            self.embeds.append(list(msg[1:]) + [[], 0, None])  # ... vectors, tokens, the text in progress
         elif kind == "quit":
             self.running = False
 
@@ -432,11 +432,18 @@ class Worker:
                 self.release(slot)
 
     def embed_step(self) -> None:
-        """Embed one text of the oldest embedding job (generation waits one step at most)."""
+        """One decode of the oldest embedding job's current text: a long text goes in pieces, with
+        generation steps between them (it used to hold every stream for its whole length)."""
         job = self.embeds[0]
-        rid, texts, truncate, vectors, total = job
+        rid, texts, truncate, vectors, total, steps = job
+        if steps is None:
+            steps = job[5] = self.m.embed_steps(texts[len(vectors)], truncate)
         try:
-            vec, n = self.m.embed_one(texts[len(vectors)], truncate)
+            next(steps)
+            return
+        except StopIteration as done:
+            vec, n = done.value
+            job[5] = None
         except OverflowError as exc:
             self.embeds.popleft()
             self.emit("error", rid, "context", (int(exc.args[0]), 0, self.m.n_ctx_seq))
