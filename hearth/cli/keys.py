@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from typing import Any
 
 from hearth.settings import Settings
 from hearth.store.db import open_database
-from hearth.store.keys import ROLES, Key, KeyError_, KeyStore, parse_duration, parse_when
+from hearth.store.keys import ROLES, Key, KeyError_, KeyStore, local_time, parse_duration, parse_when
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -28,12 +27,7 @@ def _fail(message: str, hint: str | None = None) -> int:
 
 def when(ts: float | None) -> str:
     """Epoch seconds as local `YYYY-MM-DD HH:MM`, or '-'."""
-    if not ts:
-        return "-"
-    try:
-        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
-    except (ValueError, OverflowError, OSError):  # a far expiry set before durations were capped
-        return "after 9999"
+    return local_time(ts) if ts else "-"
 
 
 def open_store(settings: Settings) -> KeyStore:

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from hearth.cli.ps import url_host_part
+from hearth.cli.ps import ServerError, Unreachable, fetch_json, server_url
 from hearth.cli.table import print_table
 from hearth.core.errors import HearthError
 from hearth.models import catalog
@@ -42,26 +42,22 @@ def _out(args: argparse.Namespace, data: Any) -> bool:
 
 
 def _server_loaded(settings: Settings, api_key: str | None = None) -> set[str] | None:
-    """Names a running local server has loaded; None when no server listens there.
+    """Names a running local server has loaded; None when no hearth server listens there.
 
     Raises HearthError when a server answers but will not say (a key is needed, say).
     """
-    import urllib.error
-    import urllib.request
-
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    url = f"http://{url_host_part(host)}:{settings.port}/api/ps"
-    key = api_key or os.environ.get("HEARTH_API_KEY")
+    url = server_url(settings, None)
     try:
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-        with urllib.request.urlopen(req, timeout=2) as resp:
-            return {m.get("name") or m.get("model") for m in json.loads(resp.read()).get("models", [])}
-    except urllib.error.HTTPError as exc:
-        hint = "pass a key with --api-key (HEARTH_API_KEY)" if exc.code in (401, 403) else "stop it first"
-        raise HearthError(f"the server at {host}:{settings.port} did not say which models are loaded "
-                          f"(GET /api/ps answered {exc.code}); {hint}, or pass --force") from None
-    except (OSError, ValueError, UnicodeEncodeError):
+        data = fetch_json(url, "/api/ps", api_key or os.environ.get("HEARTH_API_KEY"))
+    except Unreachable:
         return None
+    except ServerError as exc:
+        if not exc.status:
+            return None  # not a hearth server: nothing of ours is loaded there
+        hint = "pass a key with --api-key (HEARTH_API_KEY)" if exc.status in (401, 403) else "stop it first"
+        raise HearthError(f"the server at {url} did not say which models are loaded "
+                          f"(GET /api/ps answered {exc.status}); {hint}, or pass --force") from None
+    return {m.get("name") or m.get("model") for m in data.get("models") or []}
 
 
 def _loaded_names(settings: Settings) -> dict[str, str]:
@@ -255,10 +251,6 @@ def run(args: argparse.Namespace) -> int:
     except HearthError as exc:
         message, _, hint = exc.message.partition("; ")
         return fail(message, hint or None)
-    except OSError as exc:  # the models folder cannot be written: no permission, a full disk ...
-        where = f": {exc.filename}" if exc.filename else ""
-        return fail(f"{exc.strerror or exc}{where}", "check that `home` (HEARTH_HOME) is a writable folder "
-                    "with free space")
 
 
 def add_parser(sub: Any) -> None:

@@ -176,7 +176,7 @@ class KeyStore:
         check_new_key(name, role, rpm, tokens_per_day)
         t = self.clock()
         if expires_at is not None and expires_at <= t:
-            raise KeyError_(f"the expiry {_when(expires_at)} is not in the future; give a later date or a "
+            raise KeyError_(f"the expiry {local_time(expires_at)} is not in the future; give a later date or a "
                             "duration like 30d")
         old = self.get(name)
         if old is not None:
@@ -244,7 +244,7 @@ class KeyStore:
     @staticmethod
     def _refuse_expired(key: Key, t: float) -> None:
         if key.expires_at is not None and key.expires_at <= t:
-            raise KeyError_(f"key {key.name!r} expired on {_when(key.expires_at)}; revoke it and create it "
+            raise KeyError_(f"key {key.name!r} expired on {local_time(key.expires_at)}; revoke it and create it "
                             f"again (`hearth keys revoke {key.name}`, then `hearth keys create {key.name} ...`)")
 
     def _require(self, name: str) -> Key:
@@ -343,11 +343,11 @@ def parse_when(text: str, clock: Callable[[], float] = now, future: bool = True)
         raise KeyError_(f"time {text!r} is out of range; use a date between 1971 and 9999") from None
 
 
-def _when(ts: float) -> str:
-    """Epoch seconds as a local date and time for messages."""
+def local_time(ts: float) -> str:
+    """Epoch seconds as local `YYYY-MM-DD HH:MM` (for messages and tables)."""
     import datetime as dt
 
     try:
         return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
-    except (ValueError, OverflowError, OSError):
-        return f"{ts:.0f} (epoch seconds)"
+    except (ValueError, OverflowError, OSError):  # a far expiry set before durations were capped
+        return "after 9999" if ts > 0 else "before 1970"
