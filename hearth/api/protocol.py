@@ -284,7 +284,8 @@ class HTTPProtocol(asyncio.Protocol):
         cycle.keep_alive = False
         if any(k == b"transfer-encoding" for k, _ in cycle.scope["headers"]) and not cycle.started:
             # its chunked body would have to be parsed by hand: refuse rather than serve it without one
-            self.active = self.active if self.active is not cycle else None
+            if self.active is cycle:
+                self.active = None
             cycle.disconnected = True
             self.flush()
             self.transport.write(plain_response(400, "A chunked body with an Upgrade header is not supported; "

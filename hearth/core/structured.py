@@ -52,9 +52,7 @@ def for_grammar(schema: Any) -> Any:
     # strict they are best effort, checked on the finished text)
     kept = {k: v for k, v in schema.items() if (k in ENFORCED or k in ANNOTATIONS)
             and not (k == "format" and v not in FORMATS)}
-    out = {k: (for_grammar(v) if k in SCHEMA_LISTS or k in ("items", "additionalProperties") else
-               {n: for_grammar(s) for n, s in v.items()} if k in SCHEMA_MAPS and isinstance(v, dict) else v)
-           for k, v in kept.items()}
+    out = {k: _child(k, v) for k, v in kept.items()}
     types = out.get("type")
     if isinstance(types, list) and len(out) > 1 and not any(k in out for k in ("$ref", "anyOf", "oneOf", "allOf")) \
             and not _has_ref(out):  # the converter cannot follow a $ref (a recursive one) into the copies
@@ -64,6 +62,15 @@ def for_grammar(schema: Any) -> Any:
         # this node still resolve
         return {k: v for k, v in out.items() if k != "type"} | {"anyOf": branches}
     return out
+
+
+def _child(key: str, value: Any) -> Any:
+    """A keyword's value with the schemas inside it made fit for the grammar."""
+    if key in SCHEMA_LISTS or key in ("items", "additionalProperties"):
+        return for_grammar(value)
+    if key in SCHEMA_MAPS and isinstance(value, dict):
+        return {name: for_grammar(sub) for name, sub in value.items()}
+    return value
 
 
 def _has_ref(schema: Any) -> bool:

@@ -279,15 +279,6 @@ class Model:
         cparams.no_perf = True
         return L.llama_init_from_model(self.model, cparams)
 
-    def embed_one(self, text: str, truncate: bool) -> tuple[list[float], int]:
-        """Mean-pooled, L2-normalised embedding of one text (all of `embed_steps` at once)."""
-        steps = self.embed_steps(text, truncate)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-
     def embed_steps(self, text: str, truncate: bool) -> Generator[None, None, tuple[list[float], int]]:
         """The embedding of one text, one decode per step (the worker runs generation in between);
         returns the mean-pooled, L2-normalised vector and the token count. Raises OverflowError
