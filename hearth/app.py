@@ -161,7 +161,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None, extra_ro
         for engine in engines:
             await engine.start()
         try:
-            await router.check_aliases()
+            await router.check_aliases(default_set="default_model" in settings.model_fields_set)
         except AliasError as exc:
             for engine in engines:
                 await engine.close()

@@ -137,7 +137,7 @@ class Settings(BaseSettings):
         return Path(str(value)).expanduser()
     host: str = Field("127.0.0.1", description="Address to listen on. Anything but loopback requires keys.")
     port: int = Field(11435, ge=0, le=65535, description="TCP port to listen on.")
-    default_model: str = Field(BUNDLED_MODEL, description="Model used when a request names none.")
+    default_model: str = Field(BUNDLED_MODEL, min_length=1, description="Model used when a request names none.")
     models: dict[str, ModelEntry] = Field(
         default_factory=dict, description="Extra GGUF files to serve, as name = {path = ...}."
     )
@@ -287,7 +287,9 @@ def load_settings(
     except ValidationError as exc:
         err = _most_telling(exc.errors())
         loc = ".".join(str(p) for p in err["loc"])
-        raise SettingsError(f"setting {loc!r}: {err['msg']} (got {err.get('input')!r}){_did_you_mean(err)}") from None
+        # an unknown key's value is not shown: it is often a secret in the wrong place (`api_key = "sk-…"`)
+        got = "" if err.get("type") == "extra_forbidden" else f" (got {err.get('input')!r})"
+        raise SettingsError(f"setting {loc!r}: {err['msg']}{got}{_did_you_mean(err)}") from None
     check_upstreams(settings)
     sources: dict[str, str] = {}
     for name in fields:
@@ -326,6 +328,8 @@ def _did_you_mean(err: Any) -> str:
         if field is not None:  # else a dict key (an upstream's name): the value type is the next table
             model = _table_type(field.annotation)
     known = list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    if err["loc"][-1] == "api_key" and "api_key_env" in known:
+        return "; keys are not written in the config: name an env var with api_key_env or a file with api_key_file"
     close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -355,6 +359,14 @@ def _check_managed(where: str, m: ManagedUpstream) -> None:
                             'add model_path = "/path/to/model.gguf"')
     if m.ready_path is not None and not m.ready_path.startswith("/"):
         raise SettingsError(f"{where}.managed: ready_path {m.ready_path!r} must start with '/' (e.g. \"/health\")")
+
+
+def _ascii_host(host: str) -> str:
+    """How the resolver spells a host (full-width dots and digits folded, punycode)."""
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "punycode, e.g. xn--..."
 
 
 def check_upstreams(settings: Settings) -> None:
@@ -389,6 +401,14 @@ def check_upstreams(settings: Settings) -> None:
                                     "write it as http://host:port") from None
             if not parts.hostname:
                 raise SettingsError(f"{where}: url {url!r} names no host; write it as http://host:port")
+            if parts.username is not None or parts.password is not None:
+                # never sent (hearth sends a bearer key) and would be shown wherever the URL is: not echoed
+                raise SettingsError(f"{where}: a url carries a user name or password "
+                                    f"({parts.scheme}://…@{parts.hostname}); remove it and put the key "
+                                    "in api_key_env or api_key_file")
+            if not parts.hostname.isascii():
+                raise SettingsError(f"{where}: url {url!r} has a host that is not plain ASCII; write it "
+                                    f"as the resolver reads it ({_ascii_host(parts.hostname)})")
             if is_cloud_url(url) and not up.cloud:
                 raise SettingsError(
                     f"{where}: {url} is not on this machine or a private network, so prompts would leave "

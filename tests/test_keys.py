@@ -108,6 +108,7 @@ def test_model_patterns(store: KeyStore) -> None:
     ("has space", "user", None, "letters"),
     ("ok", "root", None, "role must be one of"),
     ("ok", "user", 0, "--rpm must be 1 or more"),
+    ("ok", "user", 2**63, "--rpm must be at most"),  # more than SQLite's integers hold: was a 500
 ])
 def test_bad_keys_say_what_to_fix(store: KeyStore, name: str, role: str, rpm: int | None, fix: str) -> None:
     with pytest.raises(KeyError_, match=fix):

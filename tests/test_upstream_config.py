@@ -73,6 +73,44 @@ def test_cloud_url_needs_cloud_true(tmp_path: Path) -> None:
     assert "[upstreams.oa]" in line and "api.openai.com" in line and "cloud = true" in line
 
 
+@pytest.mark.parametrize("url", ["https://api\u3002openai\u3002com", "http://\uff18\u3002\uff18\u3002\uff18\u3002\uff18"])
+def test_a_host_in_unicode_dots_is_refused_not_taken_for_a_lan_name(tmp_path: Path, url: str) -> None:
+    # the resolver folds these to api.openai.com and 8.8.8.8: no dot seen here must not mean "LAN name"
+    assert is_cloud_url(url)
+    line = one_error_line(serve_with(tmp_path, f'[upstreams.oa]\nkind = "openai"\nurls = ["{url}"]\nmodels = ["m"]\n'))
+    assert "[upstreams.oa]" in line and "not plain ASCII" in line, line
+    assert "api.openai.com" in line or "8.8.8.8" in line, line
+
+
+def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
+    toml = '[upstreams.nas]\nkind = "openai"\nurls = ["http://bob:hunter2@127.0.0.1:9"]\nmodels = ["m"]\n'
+    line = one_error_line(serve_with(tmp_path, toml))
+    assert "[upstreams.nas]" in line and "api_key_env" in line and "hunter2" not in line, line
+
+
+def test_a_key_written_in_the_config_is_not_echoed(tmp_path: Path) -> None:
+    toml = f'[upstreams.a]\nkind = "openai"\nurls = ["{LOCAL}"]\napi_key = "sk-live-SECRET123"\n'
+    proc = serve_with(tmp_path, toml)
+    line = one_error_line(proc)
+    assert "upstreams.a.api_key" in line and "api_key_env" in line, line
+    assert "SECRET123" not in proc.stderr + proc.stdout
+
+
+def test_a_key_that_cannot_go_in_a_header_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("sk-test\u200bkey\n")  # a zero-width space pasted with it
+    toml = f'[upstreams.a]\nkind = "openai"\nurls = ["{LOCAL}"]\nmodels = ["m"]\napi_key_file = "{tmp_path / "key"}"\n'
+    proc = serve_with(tmp_path, toml)
+    line = one_error_line(proc)
+    assert "api_key_file" in line and "0x200b" in line and "position 8" in line, line
+    assert "sk-test" not in proc.stderr
+
+
+@pytest.mark.parametrize(("toml", "env"), [('default_model = "nope"\n', {}), ("", {"HEARTH_DEFAULT_MODEL": ""})])
+def test_a_default_model_pointing_nowhere_stops_startup(tmp_path: Path, toml: str, env: dict[str, str]) -> None:
+    line = one_error_line(serve_with(tmp_path, toml, env=env))
+    assert "default_model" in line, line
+
+
 def test_alias_to_an_undeclared_upstream(tmp_path: Path) -> None:
     line = one_error_line(serve_with(tmp_path, '[aliases]\nmain = "llama3.1:70b@gpu-box"\n'))
     assert "alias 'main'" in line and "no upstream 'gpu-box'" in line
@@ -117,6 +155,10 @@ def test_managed_needs_models(tmp_path: Path) -> None:
         # numbers the resolver reads as IPv4 (8.8.8.8, 127.0.0.1, 10.0.0.1 as 8.0.0.1 in octal)
         ("http://134744072", True), ("http://0x08080808", True), ("http://8.8.2056", True),
         ("http://2130706433", False), ("http://010.0.0.1", True), ("http://10.1", False),
+        # private by Python's table, yet public: Teredo tunnels to the internet; documentation ranges
+        ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]", True), ("http://192.0.2.1", True),
+        ("http://[fd12::1]", False), ("http://[fe80::1]", False), ("http://[::ffff:10.0.0.1]", False),
+        ("http://[::ffff:8.8.8.8]", True), ("http://172.31.0.1", False), ("http://172.32.0.1", True),
     ],
 )
 def test_cloud_classification(url: str, cloud: bool) -> None:

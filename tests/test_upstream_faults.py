@@ -70,6 +70,13 @@ models = ["m"]
 cloud = true
 health_interval = 0.5
 
+[upstreams.clstall]  # a cloud that sends one piece, then nothing
+kind = "openai"
+urls = ["{self.stall_mid.url}"]
+models = ["m"]
+cloud = true
+timeouts = {{ first_token = 1.0, idle = 1.0 }}
+
 [upstreams.endless]
 kind = "openai"
 urls = ["{self.endless.url}"]
@@ -358,6 +365,22 @@ def test_every_request_sent_to_a_cloud_upstream_is_recorded_without_content(serv
     assert "secret" not in server.log()  # neither the prompt nor any of it
     calls = httpx.get(server.url + "/admin/privacy", timeout=30).json()["cloud_calls"]
     assert [c["requests"] for c in calls if c["engine"] == "cl"] == [2], calls
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_a_cloud_stream_the_client_leaves_is_recorded_too(server: Server, fakes: Fakes, path: str) -> None:
+    def audited() -> list[str]:
+        return [line for line in server.log().splitlines() if "cloud request upstream=clstall" in line]
+
+    seen = len(audited())
+    body = {"model": "m@clstall", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", server.url + path, json=body, timeout=10) as r:
+        assert r.status_code == 200
+        assert any("Hello" in line for line in r.iter_lines())  # the prompt reached the cloud; then leave
+    deadline = time.monotonic() + 5
+    while len(audited()) == seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [line for line in audited()[seen:] if "outcome=cancelled" in line], audited()
 
 
 def test_replica_answering_500_fails_over(server: Server, fakes: Fakes) -> None:

@@ -7,6 +7,11 @@ the configuration says `cloud = true`, and never uses it as a fallback.
 
 No DNS lookups happen here: a public-looking host name counts as cloud. A LAN
 machine with a public-looking DNS name should be configured by its IP address.
+
+Local addresses are an explicit list, not `ipaddress`'s `is_private`: that
+also covers ranges whose packets do leave the network (Teredo's 2001::/32,
+NAT64's 64:ff9b:1::/48 on newer Pythons), and its list changes between
+Python versions.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ from urllib.parse import urlsplit
 
 NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}")
 LOCAL_SUFFIXES = (".localhost", ".local", ".lan", ".internal", ".home.arpa", ".localdomain")
+LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "0.0.0.0/8",  # 0.0.0.0 reaches this machine on Linux; the rest of 0/8 reaches nothing
+    "::1/128", "::/128", "fc00::/7", "fe80::/10",
+))
 
 
 def url_host(url: str) -> str:
@@ -28,7 +38,9 @@ def url_host(url: str) -> str:
 def is_local_host(host: str) -> bool:
     """True for loopback, private and link-local addresses and LAN-only names."""
     host = host.strip("[]").lower()
-    if not host:
+    if not host or not host.isascii():
+        # the resolver folds full-width dots and digits ("８。８。８。８" is 8.8.8.8): a host is only
+        # known to be local in the form it is connected by
         return False
     try:
         addr = ipaddress.ip_address(host)
@@ -42,7 +54,7 @@ def is_local_host(host: str) -> bool:
             return host == "localhost" or "." not in host or host.endswith(LOCAL_SUFFIXES)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return addr.is_loopback or addr.is_private or addr.is_link_local
+    return any(addr in net for net in LOCAL_NETWORKS)
 
 
 def is_cloud_url(url: str) -> bool:

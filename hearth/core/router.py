@@ -163,13 +163,23 @@ class Router:
             )
         self._checked.add(alias)
 
-    async def check_aliases(self) -> None:
-        """At startup: every alias must point at a served model of the right size.
+    async def check_aliases(self, default_set: bool = True) -> None:
+        """At startup: every alias must point at a served model of the right size, and so must the
+        default model when the configuration named it (`default_set`; else a warning: the bundled
+        model may have been removed on purpose).
 
         Aliases whose engine could not list its models are left for the first
         request (a warning is logged); unknown dimensions are checked then too.
         """
         await self.refresh()
+        default = self.default_model
+        if self._alias(default) is None and self._find(default) is None and not self._down(default):
+            names = ", ".join(sorted(self._table)) or "none"
+            problem = (f"default_model {default!r} is not served (served: {names}); "
+                       "set default_model in hearth.toml to one of them or to an alias")
+            if default_set:
+                raise AliasError(problem)
+            log.warning("%s; requests that name no model will get a 404", problem)
         for alias, target in self.aliases.items():
             hit = self._find(target)
             if hit is None:

@@ -295,6 +295,9 @@ class KeyStore:
         return bool(rows)
 
 
+MAX_LIMIT = 10**12  # rpm or tokens per day
+
+
 def check_new_key(name: str, role: str, rpm: int | None, tokens_per_day: int | None) -> None:
     """Refuse a key that cannot work, with the reason."""
     if not NAME_RE.match(name):
@@ -305,6 +308,8 @@ def check_new_key(name: str, role: str, rpm: int | None, tokens_per_day: int | N
     for label, value in (("rpm", rpm), ("tokens-per-day", tokens_per_day)):
         if value is not None and value < 1:
             raise KeyError_(f"--{label} must be 1 or more (leave it out for no limit), got {value}")
+        if value is not None and value > MAX_LIMIT:  # SQLite holds 64-bit integers; no real limit is near this
+            raise KeyError_(f"--{label} must be at most {MAX_LIMIT:,} (leave it out for no limit), got {value}")
 
 
 def parse_duration(text: str) -> float:

@@ -8,8 +8,17 @@ from hearth.engines.upstream.engine import Secret, UpstreamEngine
 from hearth.settings import Settings, SettingsError, UpstreamEntry
 
 
+def _checked(where: str, source: str, value: str) -> Secret:
+    """The key, if it can go in an HTTP header (a pasted zero-width space cannot); never echoed."""
+    bad = next((i for i, c in enumerate(value) if not (c.isascii() and c.isprintable())), None)
+    if bad is not None:
+        raise SettingsError(f"{where}: {source} holds a character that cannot be sent in a header "
+                            f"({ord(value[bad]):#06x} at position {bad + 1}); paste the key again as plain text")
+    return Secret(value)
+
+
 def read_api_key(name: str, cfg: UpstreamEntry, env: dict[str, str] | None = None) -> Secret | None:
-    """The upstream's API key from its env var or file; a SettingsError if named but missing."""
+    """The upstream's API key from its env var or file; a SettingsError if named but missing or unsendable."""
     env = dict(os.environ) if env is None else env
     where = f"[upstreams.{name}]"
     if cfg.api_key_env:
@@ -17,7 +26,7 @@ def read_api_key(name: str, cfg: UpstreamEntry, env: dict[str, str] | None = Non
         if not value:
             raise SettingsError(f"{where}: api_key_env names {cfg.api_key_env}, which is not set or empty; "
                                 "export it before starting hearth")
-        return Secret(value)
+        return _checked(where, f"api_key_env {cfg.api_key_env}", value)
     if cfg.api_key_file:
         path = cfg.api_key_file.expanduser()
         try:
@@ -26,7 +35,7 @@ def read_api_key(name: str, cfg: UpstreamEntry, env: dict[str, str] | None = Non
             raise SettingsError(f"{where}: cannot read api_key_file {path}: {exc.strerror}") from None
         if not value:
             raise SettingsError(f"{where}: api_key_file {path} is empty")
-        return Secret(value)
+        return _checked(where, f"api_key_file {path}", value)
     return None
 
 

@@ -51,6 +51,7 @@ class UpstreamGeneration:
         self._deadline = dog.now() + engine.cfg.timeouts.first_token
         self._ended = False  # the stream is complete: the final chunk is next
         self._finished = False  # the final chunk went out
+        self._audited = False  # the cloud audit line is written (once, however the stream ends)
 
     def __aiter__(self) -> UpstreamGeneration:
         return self
@@ -71,7 +72,7 @@ class UpstreamGeneration:
             self._finished = True
             return self._final(text or "")
         except HearthError:
-            self.engine._audit(self.model, 0, self.parser.pieces, "error")
+            self._audit(0, self.parser.pieces, "error")
             self._finished = True
             await self.aclose()
             raise
@@ -96,7 +97,7 @@ class UpstreamGeneration:
         usage.total_ns = usage.total_ns or time.perf_counter_ns() - self._t0
         if self.req.logprobs is not None and self._texts and not parser.logprobs_seen:
             log.warning("upstream %r sent no logprobs for %s (it may not support them)", eng.name, self.model)
-        eng._audit(self.model, usage.prompt_tokens, usage.completion_tokens, "ok")
+        self._audit(usage.prompt_tokens, usage.completion_tokens, "ok")
         chunk = Chunk(text=text, finish_reason=finish, usage=usage, tool_calls=tuple(calls),  # type: ignore[arg-type]
                       logprobs=parser.take_logprobs(self.req.logprobs), thinking=parser.take_thinking(),
                       refusal=refusal)
@@ -177,7 +178,14 @@ class UpstreamGeneration:
         if self.engine.managed is not None:
             self.engine.managed.release()
 
+    def _audit(self, prompt_tokens: int, completion_tokens: int, outcome: str) -> None:
+        if not self._audited:
+            self._audited = True
+            self.engine._audit(self.model, prompt_tokens, completion_tokens, outcome)
+
     async def aclose(self) -> None:
-        """Stop reading; an unfinished stream is cut so the upstream stops generating."""
+        """Stop reading; an unfinished stream is cut so the upstream stops generating. A stream left
+        before its end (the client went away) is audited too: its prompt was sent all the same."""
         self._finished = True
+        self._audit(0, self.parser.pieces, "cancelled")
         self._release()
