@@ -44,7 +44,9 @@ class AppState:
         if not cap:
             return
         if req.max_tokens is None:
-            req.max_tokens_cap = cap  # not max_tokens: a long prompt must not be refused for room it never asked
+            # not max_tokens: a long prompt must not be refused for room it never asked (the request's
+            # own bound, Ollama's num_predict, stays when it is lower)
+            req.max_tokens_cap = min(req.max_tokens_cap or cap, cap)
         elif req.max_tokens > cap:
             raise BadRequest(
                 f"max_tokens {req.max_tokens} is over this server's limit of {cap} (setting max_tokens_limit)",

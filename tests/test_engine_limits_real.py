@@ -129,3 +129,15 @@ def test_a_long_embedding_does_not_hold_up_a_chat(real_server: Server) -> None:
 
     embedded, chatted = asyncio.run(run())
     assert chatted < 0.5 * embedded, f"chat done at {chatted:.1f}s, the embedding at {embedded:.1f}s"
+
+
+def test_ollama_num_predict_is_a_ceiling_not_room_to_reserve(edge_server: Server) -> None:
+    """280 prompt tokens + num_predict 300 > 512: Ollama generates to the end of the context; it was a 400."""
+    client = ollama.Client(host=edge_server.url, timeout=120)
+    out = client.generate(model=MODEL, prompt=LONG + " Line 24:", raw=True, options={"num_predict": 300})
+    assert out.prompt_eval_count + out.eval_count <= 512
+    assert out.done_reason in ("length", "stop")
+    # over the server's max_tokens_limit (400): bounded by it, as a ceiling is
+    out = client.generate(model=MODEL, prompt="Count: 1 2 3", raw=True,
+                          options={"num_predict": 450, "temperature": 0})
+    assert out.eval_count <= 400

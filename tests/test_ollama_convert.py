@@ -78,13 +78,14 @@ def test_options_map_onto_sampling_limits_and_stops() -> None:
     s = req.sampling
     assert (s.temperature, s.top_k, s.top_p, s.min_p, s.seed) == (0.3, 20, 0.9, 0.1, 7)
     assert (s.repeat_penalty, s.repeat_last_n, s.presence_penalty, s.frequency_penalty) == (1.1, 32, 0.5, 0.25)
-    assert req.max_tokens == 64 and req.num_ctx == 1024 and req.stop == ["\n\n"]
+    assert req.max_tokens is None and req.max_tokens_cap == 64  # a ceiling (Ollama), not a reservation
+    assert req.num_ctx == 1024 and req.stop == ["\n\n"]
 
 
 def test_single_stop_string_and_unlimited_num_predict() -> None:
     req = convert.chat_request(chat(messages=[], options={"stop": "END", "num_predict": -1}))
-    assert req.stop == ["END"] and req.max_tokens is None
-    assert convert.chat_request(chat(messages=[], options={"num_predict": -2})).max_tokens is None
+    assert req.stop == ["END"] and req.max_tokens is None and req.max_tokens_cap is None
+    assert convert.chat_request(chat(messages=[], options={"num_predict": -2})).max_tokens_cap is None
 
 
 def test_zero_num_predict_is_refused() -> None:

@@ -77,7 +77,7 @@ class GenerateRequest:
     prompt: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
     max_tokens: int | None = None
-    max_tokens_cap: int | None = None  # the server's cap when the client gave none: a bound, not a reservation
+    max_tokens_cap: int | None = None  # a bound, not a reservation: Ollama's num_predict, or the server's cap
     stop: list[str] = field(default_factory=list)
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
     num_ctx: int | None = None

@@ -126,7 +126,7 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def _max_tokens(num_predict: int | None) -> int | None:
-    """num_predict -> max_tokens: -1 (infinite) and -2 (fill context) mean no limit."""
+    """num_predict -> a token bound: -1 (infinite) and -2 (fill context) mean no limit."""
     if num_predict is None or num_predict < 0:
         return None
     if num_predict == 0:
@@ -151,7 +151,9 @@ def apply_options(req: GenerateRequest, opts: w.Options | None) -> GenerateReque
         seed=opts.seed, presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
         repeat_penalty=opts.repeat_penalty, repeat_last_n=opts.repeat_last_n,
     )
-    req.max_tokens = _max_tokens(opts.num_predict)
+    # a ceiling, not room to reserve: Ollama stops at the end of the context (done_reason "length")
+    # instead of refusing a num_predict larger than what the prompt leaves
+    req.max_tokens_cap = _max_tokens(opts.num_predict)
     req.stop = _stops(opts.stop)
     req.num_ctx = opts.num_ctx
     return req
