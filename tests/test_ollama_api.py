@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import base64
 import json
 import math
@@ -227,6 +229,7 @@ def test_bad_keep_alive_is_a_400(http: httpx.Client) -> None:
 def test_unknown_model_is_a_404_naming_what_exists(http: httpx.Client) -> None:
     msg = error_of(http.post("/api/chat", json={"model": "llama3.2", "messages": USER}), 404)
     assert "llama3.2" in msg and "fake:latest" in msg
+    assert re.search(r"model ['\"]?llama3.2['\"]? not found", msg), msg  # what auto-pull helpers match
     assert "fake:latest" in error_of(http.post("/api/show", json={"model": "nope"}), 404)
 
 
@@ -235,6 +238,12 @@ def test_unknown_model_is_a_404_naming_what_exists(http: httpx.Client) -> None:
     ({"model": "fake", "messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ({"model": "fake", "messages": USER, "format": "yaml"}, "format"),
     ({"model": "fake", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    # a field of several types: the item that is wrong, or the types it takes
+    ({"model": "fake", "messages": USER, "options": {"stop": [1, 2]}}, "'options.stop.0': Input should be a valid string"),
+    ({"model": "fake", "messages": USER, "keep_alive": [1]}, "'keep_alive': must be a string, a number"),
+    ({"model": "fake", "messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": [1]}}]}]},
+     "'messages.0.tool_calls.0.function.arguments': must be an object or a string (got list)"),
 ])
 def test_bad_requests_say_what_is_wrong(http: httpx.Client, body: dict[str, Any], words: str) -> None:
     assert words in error_of(http.post("/api/chat", json=body), 400)

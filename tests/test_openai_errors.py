@@ -52,7 +52,12 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"messages": MSG, "temperature": 5}, ["temperature"], "temperature"),
         ({"messages": MSG, "max_tokens": 0}, ["max_tokens"], "max_tokens"),
         ({"messages": MSG, "n": 0}, ["n"], "n"),
-        ({"messages": MSG, "stop": 5}, ["stop"], None),
+        ({"messages": MSG, "stop": 5}, ["must be a string or a list of strings"], "stop"),
+        # a field of several types names the item that is wrong, not the type that failed first
+        ({"messages": MSG, "stop": ["a", 3]}, ["'stop.1'", "valid string (got 3)"], "stop.1"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+         ["'messages.0.content.0.text'"], "messages.0.content.0.text"),
+        ({"messages": MSG, "tool_choice": 5}, ["must be a string or an object"], "tool_choice"),
         ({"messages": MSG, "logit_bias": {"abc": 1}}, ["logit_bias"], "logit_bias"),
         ({"messages": MSG, "logprobs": True}, ["logprobs"], "logprobs"),
         ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"], "tools"),

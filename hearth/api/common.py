@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, TypeVar
 
@@ -196,6 +197,61 @@ async def read_json(request: Request, limit: int, allow_empty: bool = False) -> 
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
+# pydantic's names for the members of a union (`str`, `list[str]`, `dict[str,any]`, `ContentPart`) and
+# for its wrappers, in an error's location: not part of the request's field path
+MEMBER_TAG = re.compile(r"[A-Z]\w*|str|int|float|bool|bytes|none|any|[a-z][a-z-]*\[.*\]|function-.*|union.*")
+KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+         "list[str]": "a list of strings"}
+
+
+def _path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(p for p in loc if not (isinstance(p, str) and MEMBER_TAG.fullmatch(p)))
+
+
+def _kind(tag: str) -> str:
+    return KINDS.get(tag) or ("a list" if tag.startswith("list[") else "an object")
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def telling_error(errors: list[Any]) -> tuple[str, str]:
+    """(field path, message) of the error to report from pydantic's list.
+
+    A field of several types fails once per type; the first failure is rarely
+    the one that matters: `content: [{"text": 5}]` fails as "not a string" at
+    `content`, and as the real problem at `content.0.text`. So the error that
+    got furthest into the request wins, and when every type failed at the field
+    itself, the message lists the types it takes.
+    """
+    def progress(e: Any) -> tuple[int, list[int]]:
+        path = _path(e["loc"])
+        return len(path), [p for p in path if isinstance(p, int)]
+
+    def member(loc: tuple[Any, ...]) -> tuple[Any, ...]:  # the location up to its last union member tag
+        tags = [i for i, p in enumerate(loc) if isinstance(p, str) and MEMBER_TAG.fullmatch(p)]
+        return tuple(loc[:tags[-1] + 1]) if tags else ()
+
+    first: dict[tuple[Any, ...], Any] = {}  # each type's first failure: how far that type got
+    for e in errors:
+        m = member(e["loc"])
+        if m not in first or progress(e) < progress(first[m]):
+            first[m] = e
+    best = max(progress(e) for e in first.values())
+    top = [e for e in first.values() if progress(e) == best]
+    err = top[0]
+    path = _path(err["loc"])
+    loc = ".".join(str(p) for p in path) or "body"
+    tags = [e["loc"][-1] for e in top if tuple(e["loc"][:-1]) == path and e["loc"][-1] not in path]
+    if len(tags) > 1 and len(tags) == len(top):  # every type failed at the field itself
+        kinds = list(dict.fromkeys(_kind(str(t)) for t in tags))
+        return loc, f"must be {', '.join(kinds[:-1])} or {kinds[-1]} (got {_shown(err.get('input'))})"
+    if err["type"] == "missing":  # its input is the object around it: nothing to show
+        return loc, f"{err['msg']}"
+    return loc, f"{err['msg']} (got {_shown(err.get('input'))})"
+
+
 def parse(model: type[M], data: Any) -> M:
     """Validate `data` as `model`; a 400 names the first wrong field."""
     if not isinstance(data, dict):
@@ -203,12 +259,8 @@ def parse(model: type[M], data: Any) -> M:
     try:
         parsed = model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union")))
-        loc = loc or "body"
-        got = err.get("input")
-        shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-        raise BadRequest(f"field {loc!r}: {err['msg']} (got {shown})", param=loc) from None
+        loc, message = telling_error(exc.errors())
+        raise BadRequest(f"field {loc!r}: {message}", param=loc) from None
     unknown = parsed.unknown_fields() if hasattr(parsed, "unknown_fields") else []
     if unknown:
         log.info("ignoring unknown fields %s in %s", unknown, model.__name__)

@@ -142,7 +142,8 @@ class Router:
             )
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise NotFound(
-            f"model {wanted!r} does not exist{hint}; available: {', '.join(names) or 'none'}",
+            # Ollama's wording ("model 'x' not found"): tools that pull a missing model match on it
+            f"model {wanted!r} not found{hint}; available: {', '.join(names) or 'none'}",
             param="model",
         )
 
