@@ -112,6 +112,17 @@ def test_full_queue_is_429_with_retry_after(server: Server) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_a_request_needing_more_generations_than_the_server_holds_is_a_400_not_a_429(server: Server) -> None:
+    """2 slots + 1 queued: 2 prompts x n=2 can never fit; a 429 would be retried by the SDK in vain."""
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError, match="4 generations at once.*at most 3") as exc:
+        client.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=1)
+    assert exc.value.body["param"] == "prompt"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="n=4 asks for 4 generations"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=4, max_tokens=1)
+    assert len(client.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=1).choices) == 3
+
+
 def test_ollama_num_ctx_is_a_per_request_limit(server: Server) -> None:
     body = {"model": MODEL, "prompt": "one two three four five six seven eight nine ten " * 3,
             "stream": False, "options": {"num_ctx": 16, "num_predict": 4}}

@@ -111,5 +111,9 @@ def test_think_on_a_model_that_cannot_is_a_400(server: Server) -> None:
     with pytest.raises(ollama.ResponseError, match="does not support thinking"):
         c.chat(model="fake:latest", messages=ASK, think=True)
     assert c.chat(model="fake:latest", messages=ASK, think=False).message.content  # off is always fine
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="does not support reasoning") as exc:
+        client.chat.completions.create(model="fake:latest", messages=ASK, reasoning_effort="low")
+    assert exc.value.body["param"] == "reasoning_effort"  # type: ignore[index]  # the field it sent, not Ollama's
     r = httpx.post(server.url + "/api/chat", json={"model": "qwen3:8b", "messages": ASK, "think": "lots"}, timeout=30)
     assert r.status_code == 400 and "think must be true, false or one of" in r.text

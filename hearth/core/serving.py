@@ -107,12 +107,27 @@ def check_logprob_support(engine: Engine, info: ModelInfo, req: GenerateRequest)
 def check_think_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
     """Thinking can be asked of upstreams (whose models may think); the in-box models do not."""
     if req.think not in (None, False) and not getattr(engine, "supports_thinking", False):
-        raise BadRequest(f"model {info.id!r} does not support thinking; drop `think` (or set it to false; "
-                         "OpenAI clients: drop `reasoning_effort` or send \"none\")", param="think")
+        rec = record.current()
+        if rec is not None and rec.dialect == "openai":  # the field an OpenAI client sent
+            raise BadRequest(f"model {info.id!r} does not support reasoning; drop `reasoning_effort` or send "
+                             "\"none\"", param="reasoning_effort")
+        raise BadRequest(f"model {info.id!r} does not support thinking; drop `think` (or set it to false)",
+                         param="think")
+
+
+def check_capacity(engine: Engine, total: int, what: str, param: str) -> None:
+    """More generations at once than the engine can ever hold is a 400: a 429 would be retried in vain
+    (clients retry 429s on their own), each time after starting all of them."""
+    capacity = getattr(engine, "capacity", None)
+    if capacity is not None and total > capacity:
+        raise BadRequest(f"{what} asks for {total} generations at once, but this server holds at most {capacity} "
+                         "per model (settings slots + max_queue); send fewer, or raise max_queue", param=param)
 
 
 async def start(engine: Engine, info: ModelInfo, req: GenerateRequest, n: int = 1) -> list[Generation]:
     """Admit `n` generations of the same request (seed+i for each choice)."""
+    if n > 1:
+        check_capacity(engine, n, f"n={n}", "n")
     # each check only when the request asks for what it guards (most ask for none of it)
     if req.response_format.type == "json_schema":
         check_request(req, grammar=not getattr(engine, "passes_format_through", False))

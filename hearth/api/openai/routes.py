@@ -169,6 +169,8 @@ async def completions(request: Request) -> Response:
     reqs = [convert.completion_request(wire, p) for p in prompts]
     engine, info = await state.router.resolve(reqs[0].model)
     name = wire.model or info.id
+    if len(reqs) > 1:
+        serving.check_capacity(engine, len(reqs) * wire.n, f"{len(reqs)} prompts with n={wire.n}", "prompt")
     gens = []
     try:
         for r in reqs:

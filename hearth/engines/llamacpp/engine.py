@@ -149,6 +149,11 @@ class LlamaCppEngine:
         self.restarts = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def capacity(self) -> int:
+        """Generations one model holds at once, running and queued (a request needing more is a 400)."""
+        return self.settings.slots + self.settings.max_queue
+
     # -- model table ------------------------------------------------------------
     def _register(self, name: str, path: Path, dims: list[int]) -> None:
         info = self._info(name, path, dims)
@@ -320,7 +325,7 @@ class LlamaCppEngine:
         return text, not (bos and text.startswith(bos))
 
     def _admit(self, worker: WorkerClient) -> None:
-        limit = self.settings.slots + self.settings.max_queue
+        limit = self.capacity
         if worker.outstanding >= limit:
             raise RateLimited(
                 f"the in-box engine is busy ({worker.outstanding} requests running or queued, limit {limit}); "
