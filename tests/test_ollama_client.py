@@ -126,6 +126,14 @@ def test_embed(client: ollama.Client) -> None:
     assert sum(a * b for a, b in zip(legacy.embedding, resp.embeddings[0])) > 0.999
 
 
+def test_embed_over_the_context_without_truncate_names_the_input(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as exc:
+        client.embed(model=MODEL, input=["short", "word " * 5000], truncate=False)
+    assert exc.value.status_code == 400
+    assert "input[1]" in exc.value.error and "truncate: true" in exc.value.error, exc.value.error
+    assert len(client.embed(model=MODEL, input="word " * 5000).embeddings) == 1  # truncated by default
+
+
 def test_list(client: ollama.Client) -> None:
     models = {m.model: m for m in client.list().models}
     entry = models[MODEL]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hearth.core import record
 from hearth.core.errors import (
     BadRequest,
     ContextLengthExceeded,
@@ -389,6 +390,13 @@ class LlamaCppEngine:
             return ContextLengthExceeded(
                 f"this model's context is {limit} tokens, but the prompt is {prompt} tokens; "
                 "shorten the prompt (or raise ctx_per_slot)", param=param)
+        if kind == "embed_context":  # detail: (tokens, which input, limit)
+            tokens, index, limit = detail
+            rec = record.current()
+            fix = "or send truncate: true (the default) to cut it" if rec is not None and rec.dialect == "ollama" \
+                else "or split it"
+            return ContextLengthExceeded(f"input[{index}] is {tokens} tokens, over this model's context of {limit}; "
+                                         f"shorten it, {fix}", param="input")
         if kind == "bad_request":  # detail: (text, the field it is about or None)
             text, field = detail
             return BadRequest(text, param=field or param)

@@ -446,7 +446,7 @@ class Worker:
             job[5] = None
         except OverflowError as exc:
             self.embeds.popleft()
-            self.emit("error", rid, "context", (int(exc.args[0]), 0, self.m.n_ctx_seq))
+            self.emit("error", rid, "embed_context", (int(exc.args[0]), len(vectors), self.m.n_ctx_seq))
             return
         vectors.append(vec)
         job[4] = total + n
