@@ -58,6 +58,10 @@ def test_ollama_client_pull_copy_delete(server: Server, src: FakeSources) -> Non
     with pytest.raises(ollama.ResponseError) as err:
         client.copy("nope", "x")
     assert err.value.status_code == 404
+    for act in (lambda: client.copy("main", "x"), lambda: client.delete("main")):  # an alias of hearth.toml
+        with pytest.raises(ollama.ResponseError) as err:
+            act()
+        assert err.value.status_code == 400 and "alias of" in err.value.error and "hearth.toml" in err.value.error
 
 
 def test_pull_stream_false_and_errors(server: Server, src: FakeSources) -> None:

@@ -51,10 +51,15 @@ def _name(data: dict[str, Any], *keys: str) -> str:
 
 
 async def _refuse_upstream(request: Request, name: str, does: str, do: str) -> None:
-    """A 400 when `name` is a model an upstream serves (not one of hearth's own store): hearth does
-    not manage other servers' models, and "not in the store" would read as "does not exist"."""
+    """A 400 when `name` is an alias or a model an upstream serves (not one of hearth's own store):
+    hearth does not manage other servers' models, and "not in the store" would read as "does not exist"."""
+    router = request.app.state.hearth.router
+    target = router.alias_target(name)
+    if target is not None:  # a name from hearth.toml, not the store: "not in the store, pull it" would mislead
+        raise BadRequest(f"{name!r} is an alias of {target!r} (set in hearth.toml [aliases]), not a model of the "
+                         f"store; {do} {target!r} itself, or change the alias in hearth.toml")
     try:
-        _, info = await request.app.state.hearth.router.resolve(name)
+        _, info = await router.resolve(name)
     except HearthError:
         return  # unknown anywhere: the store's own answer names what it has
     upstream = info.metadata.get("upstream")

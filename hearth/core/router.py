@@ -88,6 +88,11 @@ class Router:
         await self.refresh()  # engines list from memory; upstreams re-list in the background
         return [info for _, info in self._table.values()]
 
+    def alias_target(self, name: str) -> str | None:
+        """What `name` points to when it is an alias (any spelling of it); None otherwise."""
+        alias = self._alias(name)
+        return self.aliases[alias] if alias else None
+
     def _alias(self, wanted: str) -> str | None:
         for key in (wanted, normalize(wanted).removesuffix(":latest")):
             if key in self.aliases:
