@@ -273,6 +273,14 @@ def test_unsupported_params_are_dropped_with_a_log_line(server: Server, fakes: F
     assert "does not support 'top_k'" in server.log()
 
 
+def test_a_participant_name_reaches_an_openai_upstream(server: Server, fakes: Fakes) -> None:
+    said = [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "hey bob"},
+            {"role": "user", "content": "hello", "name": "ann"}]
+    r = chat(server, "m@good", messages=said)
+    assert r.status_code == 200, r.text
+    assert [m.get("name") for m in fakes.good.bodies[-1]["messages"]] == ["bob", None, "ann"]
+
+
 def test_models_are_listed_with_upstream_names(server: Server) -> None:
     listed = {m.id: m for m in client(server).models.list().data}
     assert {"m", "e-embed", "llamita:8b", "fake:latest"} <= set(listed)

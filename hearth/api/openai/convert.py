@@ -107,8 +107,11 @@ def _message(msg: w.ChatMessage, i: int) -> Message:
         out = Message(role=role, content="\n".join(texts), images=images)
     if msg.tool_calls:
         out.tool_calls = tools.calls_of(msg.tool_calls)
+    # a participant's name (several users in one chat): OpenAI-compatible upstreams get it; the in-box
+    # templates, as llama-server's and Ollama's, have no place for it
+    out.name = msg.name
     if role == "tool":
-        out.tool_call_id, out.name = msg.tool_call_id, msg.name
+        out.tool_call_id = msg.tool_call_id
     return out
 
 

@@ -58,6 +58,8 @@ def _messages(messages: list[Message]) -> list[dict[str, Any]]:
             msg["tool_call_id"] = m.tool_call_id or (call.id if call else "")
             if m.name or call:
                 msg["name"] = m.name or call.name  # type: ignore[union-attr]
+        elif m.name:  # who said it, among several users
+            msg["name"] = m.name
         out.append(msg)
     return out
 
