@@ -296,7 +296,7 @@ def test_openai_tool_turns_become_core_messages() -> None:
         {"role": "tool", "tool_call_id": "c1", "name": "f", "content": [{"type": "text", "text": "42"}]},
     ]}))
     user, asst, tool = req.messages or []
-    assert user.name is None and asst.content == "" and tool.content == "42"
+    assert user.name == "ann" and asst.content == "" and tool.content == "42"  # a participant, not a function
     assert [(c.id, c.name, c.arguments) for c in asst.tool_calls] == [("c1", "f", '{"a": 1}')]
     assert (tool.role, tool.tool_call_id, tool.name) == ("tool", "c1", "f")
 
