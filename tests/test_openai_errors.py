@@ -187,12 +187,19 @@ def test_streamed_completions_count_each_prompt_once_with_n(server: Server) -> N
     assert [e["usage"]["prompt_tokens"] for e in events if e.get("usage")] == [plain]
 
 
-def test_with_include_usage_every_chat_chunk_has_usage_null_until_the_last(server: Server) -> None:
-    r = httpx.post(server.v1 + "/chat/completions", timeout=30, json={
-        "model": "fake", "messages": MSG, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}})
+@pytest.mark.parametrize(("path", "ask"), [("/chat/completions", {"messages": MSG}),
+                                           ("/completions", {"prompt": "hi", "echo": True})])
+def test_with_include_usage_every_chunk_has_usage_null_until_the_last(server: Server, path: str, ask: dict) -> None:
+    r = httpx.post(server.v1 + path, timeout=30, json={
+        "model": "fake", **ask, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}})
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert all("usage" in e for e in events), events
     assert [e["usage"] is None for e in events] == [True] * (len(events) - 1) + [False]
+
+
+def test_models_with_a_trailing_slash_is_the_list(server: Server) -> None:
+    body = httpx.get(server.v1 + "/models/", timeout=30).json()
+    assert body["object"] == "list" and body["data"], body
 
 
 def test_config_file_is_reported(server: Server, tmp_path: Path) -> None:

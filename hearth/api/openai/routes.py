@@ -204,16 +204,21 @@ async def _completion_stream(
         created = int(time.time())
         texts = ["" for _ in gens]
         completion_tokens = 0
+        def event(choice: dict[str, object]) -> bytes:
+            body = convert.completion_response(rid, created, model, [choice], None)
+            if include_usage:  # as the spec says and chat streams do: null on every chunk but the last
+                body["usage"] = None
+            return sse(body)
+
         for i, echo in enumerate(echoes):
             if echo:
-                yield sse(convert.completion_response(rid, created, model, [convert.completion_choice(i, echo, None)], None))
+                yield event(convert.completion_choice(i, echo, None))
         async for i, chunk in merge([aiter(g) for g in gens]):
             logprobs = convert.completion_logprobs(chunk.logprobs, len(texts[i])) if req.logprobs is not None else None
             if chunk.text:
                 texts[i] += chunk.text
             if chunk.text or chunk.finish_reason:
-                choice = convert.completion_choice(i, chunk.text, chunk.finish_reason, logprobs)
-                yield sse(convert.completion_response(rid, created, model, [choice], None))
+                yield event(convert.completion_choice(i, chunk.text, chunk.finish_reason, logprobs))
             if chunk.finish_reason:
                 completion_tokens += chunk.usage.completion_tokens if chunk.usage else 0
                 validate_output(texts[i], req.response_format, chunk.finish_reason)
@@ -262,5 +267,6 @@ def routes() -> list[Route]:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/", list_models, methods=["GET"]),  # not the default model's card for an empty id
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
     ]
