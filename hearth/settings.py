@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,8 +288,11 @@ def load_settings(
     except ValidationError as exc:
         err = _most_telling(exc.errors())
         loc = ".".join(str(p) for p in err["loc"])
-        # an unknown key's value is not shown: it is often a secret in the wrong place (`api_key = "sk-…"`)
-        got = "" if err.get("type") == "extra_forbidden" else f" (got {err.get('input')!r})"
+        # an unknown key's value is not shown: it is often a secret in the wrong place (`api_key = "sk-…"`);
+        # nor is a table (a missing key's input is the table around it, with whatever secrets it holds)
+        value = err.get("input")
+        got = "" if err.get("type") in ("extra_forbidden", "missing") else \
+            f" (got {type(value).__name__})" if isinstance(value, (dict, list)) else f" (got {value!r})"
         raise SettingsError(f"setting {loc!r}: {err['msg']}{got}{_did_you_mean(err)}") from None
     check_upstreams(settings)
     sources: dict[str, str] = {}
@@ -369,10 +373,40 @@ def _ascii_host(host: str) -> str:
         return "punycode, e.g. xn--..."
 
 
-def check_upstreams(settings: Settings) -> None:
-    """Refuse upstreams and aliases that cannot work, one readable line each."""
+USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def _check_url(where: str, url: str, cloud: bool) -> None:
+    """One upstream URL: http(s), parseable, a plain-ASCII host, no credentials, local unless `cloud`.
+    Messages show it without its `user:password@` part: that may be a secret."""
     from hearth.core.privacy import is_cloud_url
 
+    shown = USERINFO.sub(r"\1…@", url)
+    if not url.startswith(("http://", "https://")):
+        raise SettingsError(f"{where}: url {shown!r} must start with http:// or https://")
+    if shown != url:  # never sent (hearth sends a bearer key) and would be shown wherever the URL is
+        raise SettingsError(f"{where}: url {shown!r} carries a user name or password; remove it and put the "
+                            "key in api_key_env or api_key_file")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a port that is not a number in range
+    except ValueError as exc:
+        raise SettingsError(f"{where}: url {url!r} is not a valid URL ({exc}); "
+                            "write it as http://host:port") from None
+    if not parts.hostname:
+        raise SettingsError(f"{where}: url {url!r} names no host; write it as http://host:port")
+    if not parts.hostname.isascii():
+        raise SettingsError(f"{where}: url {url!r} has a host that is not plain ASCII; write it "
+                            f"as the resolver reads it ({_ascii_host(parts.hostname)})")
+    if is_cloud_url(url) and not cloud:
+        raise SettingsError(
+            f"{where}: {url} is not on this machine or a private network, so prompts would leave "
+            "the box; add cloud = true to that table if this is intended"
+        )
+
+
+def check_upstreams(settings: Settings) -> None:
+    """Refuse upstreams and aliases that cannot work, one readable line each."""
     for name, up in settings.upstreams.items():
         where = f"[upstreams.{name}]"
         if "@" in name or ":" in name:
@@ -391,29 +425,7 @@ def check_upstreams(settings: Settings) -> None:
         if up.api_key_env and up.api_key_file:
             raise SettingsError(f"{where} sets both api_key_env and api_key_file; keep one")
         for url in up.urls:
-            if not url.startswith(("http://", "https://")):
-                raise SettingsError(f"{where}: url {url!r} must start with http:// or https://")
-            try:
-                parts = urlsplit(url)
-                parts.port  # noqa: B018 -- raises on a port that is not a number in range
-            except ValueError as exc:
-                raise SettingsError(f"{where}: url {url!r} is not a valid URL ({exc}); "
-                                    "write it as http://host:port") from None
-            if not parts.hostname:
-                raise SettingsError(f"{where}: url {url!r} names no host; write it as http://host:port")
-            if parts.username is not None or parts.password is not None:
-                # never sent (hearth sends a bearer key) and would be shown wherever the URL is: not echoed
-                raise SettingsError(f"{where}: a url carries a user name or password "
-                                    f"({parts.scheme}://…@{parts.hostname}); remove it and put the key "
-                                    "in api_key_env or api_key_file")
-            if not parts.hostname.isascii():
-                raise SettingsError(f"{where}: url {url!r} has a host that is not plain ASCII; write it "
-                                    f"as the resolver reads it ({_ascii_host(parts.hostname)})")
-            if is_cloud_url(url) and not up.cloud:
-                raise SettingsError(
-                    f"{where}: {url} is not on this machine or a private network, so prompts would leave "
-                    "the box; add cloud = true to that table if this is intended"
-                )
+            _check_url(where, url, up.cloud)
     for alias, target in settings.alias_targets.items():
         model, _, upstream = target.rpartition("@")
         if not model:

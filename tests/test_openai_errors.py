@@ -58,6 +58,7 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
          ["'messages.0.content.0.text'"], "messages.0.content.0.text"),
         ({"messages": MSG, "tool_choice": 5}, ["must be a string or an object"], "tool_choice"),
+        ({"messages": MSG, "logit_bias": {"Foo": "x"}}, ["valid number"], "logit_bias.Foo"),  # a key, not a type
         ({"messages": MSG, "logit_bias": {"abc": 1}}, ["logit_bias"], "logit_bias"),
         ({"messages": MSG, "logprobs": True}, ["logprobs"], "logprobs"),
         ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"], "tools"),

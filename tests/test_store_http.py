@@ -58,6 +58,9 @@ def test_ollama_client_pull_copy_delete(server: Server, src: FakeSources) -> Non
     with pytest.raises(ollama.ResponseError) as err:
         client.copy("nope", "x")
     assert err.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as err:  # stored under an alias's name, it would never be served
+        client.copy("tiny-copy", "fast")
+    assert err.value.status_code == 400 and "choose another name" in err.value.error
     for act in (lambda: client.copy("main", "x"), lambda: client.delete("main")):  # an alias of hearth.toml
         with pytest.raises(ollama.ResponseError) as err:
             act()

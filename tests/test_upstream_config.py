@@ -82,10 +82,23 @@ def test_a_host_in_unicode_dots_is_refused_not_taken_for_a_lan_name(tmp_path: Pa
     assert "api.openai.com" in line or "8.8.8.8" in line, line
 
 
-def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
-    toml = '[upstreams.nas]\nkind = "openai"\nurls = ["http://bob:hunter2@127.0.0.1:9"]\nmodels = ["m"]\n'
+@pytest.mark.parametrize("url", ["http://bob:hunter2@127.0.0.1:9", "http://bob:hunter2@127.0.0.1:99999",
+                                 "htttp://bob:hunter2@10.0.0.1", "http://bob:hunter2@:8000"])
+def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path, url: str) -> None:
+    toml = f'[upstreams.nas]\nkind = "openai"\nurls = ["{url}"]\nmodels = ["m"]\n'
     line = one_error_line(serve_with(tmp_path, toml))
-    assert "[upstreams.nas]" in line and "api_key_env" in line and "hunter2" not in line, line
+    assert "[upstreams.nas]" in line and "hunter2" not in line, line
+
+
+@pytest.mark.parametrize("toml", [
+    '[upstreams.x]\nkind = "openai"\nmodels = ["m"]\n[upstreams.x.managed]\nenv = { HF_TOKEN = "hf_SECRET5" }\n',
+    '[upstreams.x]\nurls = ["http://127.0.0.1:9"]\ntoken = "hf_SECRET5"\n',  # no kind: "Field required"
+    '[upstreams.x]\nkind = "openai"\nurls = ["http://127.0.0.1:9"]\napi_key_env = "hf_SECRET5-x"\n',
+])
+def test_secrets_around_a_config_error_are_not_echoed(tmp_path: Path, toml: str) -> None:
+    proc = serve_with(tmp_path, toml)
+    one_error_line(proc)
+    assert "SECRET5" not in proc.stderr + proc.stdout, proc.stderr
 
 
 def test_a_key_written_in_the_config_is_not_echoed(tmp_path: Path) -> None:
@@ -103,6 +116,13 @@ def test_a_key_that_cannot_go_in_a_header_is_one_line(tmp_path: Path) -> None:
     line = one_error_line(proc)
     assert "api_key_file" in line and "0x200b" in line and "position 8" in line, line
     assert "sk-test" not in proc.stderr
+
+
+def test_a_key_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "key").write_bytes("sk-test-key".encode("utf-16"))  # as some editors save it
+    toml = f'[upstreams.a]\nkind = "openai"\nurls = ["{LOCAL}"]\nmodels = ["m"]\napi_key_file = "{tmp_path / "key"}"\n'
+    line = one_error_line(serve_with(tmp_path, toml))
+    assert "not UTF-8" in line and "plain text" in line, line
 
 
 @pytest.mark.parametrize(("toml", "env"), [('default_model = "nope"\n', {}), ("", {"HEARTH_DEFAULT_MODEL": ""})])

@@ -197,9 +197,10 @@ async def read_json(request: Request, limit: int, allow_empty: bool = False) -> 
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-# pydantic's names for the members of a union (`str`, `list[str]`, `dict[str,any]`, `ContentPart`) and
-# for its wrappers, in an error's location: not part of the request's field path
-MEMBER_TAG = re.compile(r"[A-Z]\w*|str|int|float|bool|bytes|none|any|[a-z][a-z-]*\[.*\]|function-.*|union.*")
+# pydantic's names for the members of a union (`str`, `list[str]`, `dict[str,any]`) and for its wrappers,
+# in an error's location: not part of the request's field path (the wire models have no union with a
+# model class as a bare member, whose tag would be its class name)
+MEMBER_TAG = re.compile(r"str|int|float|bool|bytes|none|any|[a-z][a-z-]*\[.*\]|function-.*|union.*")
 KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
          "list[str]": "a list of strings"}
 
@@ -243,9 +244,11 @@ def telling_error(errors: list[Any]) -> tuple[str, str]:
     err = top[0]
     path = _path(err["loc"])
     loc = ".".join(str(p) for p in path) or "body"
-    tags = [e["loc"][-1] for e in top if tuple(e["loc"][:-1]) == path and e["loc"][-1] not in path]
-    if len(tags) > 1 and len(tags) == len(top):  # every type failed at the field itself
-        kinds = list(dict.fromkeys(_kind(str(t)) for t in tags))
+    # every type failed at the field itself, on the same value (a dict's keys named like types do not)
+    tags = [e["loc"][-1] for e in top
+            if tuple(e["loc"][:-1]) == path and e["loc"][-1] not in path and e.get("input") is err.get("input")]
+    kinds = list(dict.fromkeys(_kind(str(t)) for t in tags))
+    if len(tags) == len(top) and len(kinds) > 1:
         return loc, f"must be {', '.join(kinds[:-1])} or {kinds[-1]} (got {_shown(err.get('input'))})"
     if err["type"] == "missing":  # its input is the object around it: nothing to show
         return loc, f"{err['msg']}"

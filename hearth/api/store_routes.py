@@ -68,6 +68,14 @@ async def _refuse_upstream(request: Request, name: str, does: str, do: str) -> N
                          f"of its own store, so {do} it on that server")
 
 
+def _refuse_alias_name(request: Request, name: str | None) -> None:
+    """A store model named like an alias would be hidden behind it: a 400 for a new name that is one."""
+    target = request.app.state.hearth.router.alias_target(name) if name else None
+    if target is not None:
+        raise BadRequest(f"{name!r} is an alias of {target!r} in hearth.toml [aliases], so a model stored under "
+                         "that name would never be served; choose another name")
+
+
 async def rescan(request: Request) -> None:
     """Let the engines and the router see the store's new contents."""
     state = request.app.state.hearth
@@ -124,6 +132,7 @@ async def pull(request: Request) -> Response:
     spec = _name(data, "model", "name")
     await _refuse_upstream(request, spec, "pulls", "pull")
     name = data.get("as") if isinstance(data.get("as"), str) else None
+    _refuse_alias_name(request, name)
     sha = data.get("sha256") if isinstance(data.get("sha256"), str) else None
     events = _pull_events(request, spec, name, sha)
     if data.get("stream", True) is False:
@@ -148,7 +157,8 @@ async def delete(request: Request) -> Response:
     """Ollama `DELETE /api/delete`: refuses loaded models and alias targets (admin route takes force)."""
     data = await _body(request)
     name = _name(data, "model", "name")
-    await _refuse_upstream(request, name, "deletes", "delete")
+    if not _store(request).has(name):  # one stored under an alias's name (made before aliases were checked)
+        await _refuse_upstream(request, name, "deletes", "delete")
     force = bool(data.get("force")) and request.url.path.startswith("/admin/")
     state = request.app.state.hearth
     store = _store(request)
@@ -167,6 +177,7 @@ async def copy(request: Request) -> Response:
     """Ollama `POST /api/copy`: a new name for the same blob."""
     data = await _body(request)
     await _refuse_upstream(request, _name(data, "source"), "copies", "copy")
+    _refuse_alias_name(request, _name(data, "destination"))
     made = _store(request).copy(_name(data, "source"), _name(data, "destination"))
     await rescan(request)
     return JSONResponse({"status": "success", "model": made.name})
