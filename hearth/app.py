@@ -38,8 +38,9 @@ class AppState:
     engines: list[Engine]
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def limit_max_tokens(self, req: GenerateRequest) -> None:
-        """Apply the configured per-request token cap (a 400 if asked for more)."""
+    def limit_max_tokens(self, req: GenerateRequest, field: str = "max_tokens") -> None:
+        """Apply the configured per-request token cap (a 400 naming `field`, the one the client sent, if
+        asked for more)."""
         cap = self.settings.max_tokens_limit
         if not cap:
             return
@@ -49,8 +50,8 @@ class AppState:
             req.max_tokens_cap = min(req.max_tokens_cap or cap, cap)
         elif req.max_tokens > cap:
             raise BadRequest(
-                f"max_tokens {req.max_tokens} is over this server's limit of {cap} (setting max_tokens_limit)",
-                param="max_tokens",
+                f"{field} {req.max_tokens} is over this server's limit of {cap} (setting max_tokens_limit)",
+                param=field,
             )
 
 

@@ -62,6 +62,10 @@ def test_the_cap_bounds_a_request_without_max_tokens_instead_of_refusing_it(edge
     assert resp.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError, match="over this server's limit of 400"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=401)
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens 401 is over") as exc:  # what it sent
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=401)
+    assert exc.value.body["param"] == "max_completion_tokens"  # type: ignore[index]
 
 
 def test_an_unload_during_a_request_is_kept_and_ready_does_not_reload(edge_server: Server) -> None:

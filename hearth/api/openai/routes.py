@@ -54,7 +54,7 @@ async def chat_completions(request: Request) -> Response:
     req = convert.chat_request(wire)
     engine, info = await state.router.resolve(req.model)
     name = wire.model or info.id
-    state.limit_max_tokens(req)
+    state.limit_max_tokens(req, "max_completion_tokens" if wire.max_completion_tokens is not None else "max_tokens")
     gens = await serving.start(engine, info, req, wire.n)
     rid = serving.new_id("chatcmpl")
     if wire.stream:
