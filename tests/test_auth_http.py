@@ -157,6 +157,10 @@ def test_model_lists_show_a_restricted_key_only_its_models(tmp_path: Path) -> No
         assert "fake:latest" not in {m.model for m in oll(server, narrow).ps().models}
         by_alias = new_key(server.home, "by-alias", "--models", "main")  # an alias allows its target
         assert {m.id for m in oai(server, by_alias).models.list()} == {"fake:latest"}
+        assert chat(server, by_alias, "fake:latest")  # the id it was shown works too (was a 403)
+        assert chat(server, by_alias, "fast")  # as does another alias of the same model
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(server, by_alias, "llama3:8b")
     finally:
         stop_server(server)
 

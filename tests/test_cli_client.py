@@ -165,6 +165,8 @@ def test_banner_and_ps_sizes() -> None:
     text = banner(Settings(fake=True, default_model="fake-embed:latest", host="::1"), 8080)
     assert "http://[::1]:8080/v1" in text and '"model": "fake-embed:latest"' in text
     assert '"model": "fake:latest"' in banner(Settings(fake=True), 8080)
+    assert '"max_tokens": 64' in text and "Authorization" not in text  # a base model would fill its context
+    assert 'Authorization: Bearer $HEARTH_API_KEY' in banner(Settings(fake=True), 8080, needs_key=True)
     assert [megabytes(n) for n in (0, 1024, 291_000_000, 5_400_000_000)] == ["-", "<1 MB", "291 MB", "5.4 GB"]
 
 

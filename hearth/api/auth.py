@@ -324,20 +324,19 @@ def visible_models(scope: Scope, models: list[ModelInfo]) -> list[ModelInfo]:
     if key is None:
         return models
     aliases = scope["app"].state.hearth.router.aliases
-    named: dict[str, list[str]] = {}  # model id -> aliases pointing at it (a key allowed an alias sees its target)
-    for alias, target in aliases.items():
-        named.setdefault(normalize(target), []).append(alias)
     return [m for m in models
-            if key.allows_model(model_spellings(m.id, aliases) + named.get(normalize(m.id), []))
-            and (key.allow_cloud or not m.metadata.get("cloud"))]
+            if key.allows_model(model_spellings(m.id, aliases)) and (key.allow_cloud or not m.metadata.get("cloud"))]
 
 
 def model_spellings(name: str, aliases: dict[str, str]) -> list[str]:
-    """A model's names a pattern may match: as asked, with/without `:latest`, and an alias's target."""
+    """A model's names a pattern may match: as asked, with/without `:latest`, an alias's target, and the
+    aliases that point at it (a key allowed `embed` may use, and sees, the model `embed` names)."""
     names = [name, normalize(name), name.removesuffix(":latest")]
     target = aliases.get(name) or aliases.get(name.removesuffix(":latest"))
     if target:
         names += [target, normalize(target), target.removesuffix(":latest")]
+    wanted = normalize(target or name)
+    names += [alias for alias, to in aliases.items() if normalize(to) == wanted]
     return names
 
 

@@ -61,19 +61,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def banner(settings: Settings, port: int) -> str:
-    """What a person needs to start using the server."""
+def banner(settings: Settings, port: int, needs_key: bool = False) -> str:
+    """What a person needs to start using the server (`needs_key`: keys exist, so the example sends one)."""
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{url_host_part(host)}:{port}"
     model = settings.default_model
     if settings.fake and model == BUNDLED_MODEL:  # as create_app swaps it
         model = "fake:latest"
+    auth = "    -H \"Authorization: Bearer $HEARTH_API_KEY\" \\\n" if needs_key else ""
+    # max_tokens: a base model without it writes until its context is full (minutes on a CPU)
     return (
         f"hearth is ready at {url}  (OpenAI API: {url}/v1, Ollama API: {url}/api)\n"
         f"default model: {model}\n"
-        f"try it:\n"
-        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
+        + ("this server wants an API key: export HEARTH_API_KEY=hk-... (see `hearth keys`)\n" if needs_key else "")
+        + f"try it:\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n{auth}"
+        f"    -d '{{\"model\": \"{model}\", \"max_tokens\": 64, "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
     )
 
 
@@ -118,7 +122,9 @@ async def _run(settings: Settings, sock: socket.socket) -> tuple[int, list[int]]
         for s in server.servers:
             for sock in s.sockets:
                 port = sock.getsockname()[1]
-        print(banner(settings, port), flush=True)
+        security = app.state.hearth.extras.get("security")
+        needs_key = security is not None and settings.loopback_needs_key and security.keys_on()
+        print(banner(settings, port, needs_key), flush=True)
 
     async with app.router.lifespan_context(app):
         # what startup built lives as long as the server: out of the collector's way, so a full
