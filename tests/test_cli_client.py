@@ -105,6 +105,12 @@ def test_a_missing_or_weak_key_gets_the_envelope_message_and_a_key_hint(tmp_path
     own = run(tmp_path, "usage", "--json", HEARTH_PORT=port, HEARTH_HOME=str(server.home))
     assert own.returncode == 0 and "wants a key" in own.stderr
     assert {r["key"] for r in json.loads(own.stdout)["rows"]} == {"app"}  # the 403 above, read locally
+    env = {**os.environ, "HEARTH_HOME": str(server.home), "HEARTH_CONFIG": str(server.home / "hearth.toml")}
+    slow = json.loads(subprocess.run([sys.executable, "-m", "hearth", "keys", "create", "slow", "--rpm", "1",
+                                      "--json"], env=env, capture_output=True, text=True, check=True).stdout)
+    assert run(tmp_path, "ps", "--url", server.url, "--api-key", slow["secret"]).returncode == 0
+    over = run(tmp_path, "ps", "--url", server.url, "--api-key", slow["secret"])  # the second in a minute
+    one_line_error(over, "HTTP 429", "over its request or token limit")
 
 
 def test_usage_and_privacy_come_from_the_running_server(tmp_path: Path) -> None:

@@ -164,8 +164,10 @@ def from_server(args: argparse.Namespace, settings: Settings, path: str) -> dict
 
 
 def key_hint(status: int, path: str) -> str | None:
-    """What to do about a 401 or 403 from the server."""
+    """What to do about a 401, 403 or 429 from the server."""
     admin = path.startswith(("/admin/", "/metrics"))
+    if status == 429:  # every request counts toward a key's --rpm, this one too
+        return "the key is over its request or token limit; wait a minute, or use a key with a higher --rpm"
     if status == 401:
         return f"pass {'an admin' if admin else 'a'} key with --api-key or set HEARTH_API_KEY"
     if status == 403:

@@ -181,8 +181,8 @@ class Router:
         default = self.default_model
         if self._alias(default) is None and self._find(default) is None and not self._down(default):
             names = ", ".join(sorted(self._table)) or "none"
-            problem = (f"default_model {default!r} is not served (served: {names}); "
-                       "set default_model in hearth.toml to one of them or to an alias")
+            problem = (f"default_model {default!r} is not served (served: {names}); set default_model "
+                       "(--model, HEARTH_DEFAULT_MODEL or hearth.toml) to one of them or to an alias")
             if default_set:
                 raise AliasError(problem)
             log.warning("%s; requests that name no model will get a 404", problem)
