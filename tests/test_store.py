@@ -70,7 +70,7 @@ def test_unsafe_names_rejected(bad: str) -> None:
 def test_cli_list_import_rm(tmp_path: Path) -> None:
     env = {**os.environ, "HEARTH_HOME": str(tmp_path / "home"), "HEARTH_CONFIG": str(tmp_path / "none.toml"),
            "HEARTH_PORT": str(free_port())}  # no server to ask what is loaded
-    (tmp_path / "none.toml").write_text("")
+    (tmp_path / "none.toml").write_text('[aliases]\nsmall = "t:1"\n')
     gguf = make_gguf(tmp_path / "t.gguf")
 
     def hearth(*args: str) -> subprocess.CompletedProcess[str]:
@@ -83,7 +83,10 @@ def test_cli_list_import_rm(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "registry.ollama.ai" in refused.stderr
     fit = hearth("models", "fit", "t:1", "--ctx", "512", "--json")
     assert json.loads(fit.stdout)["fits"] is True
-    assert hearth("models", "rm", "t:1").returncode == 0
+    # an alias names its target here too, as on the API
+    assert json.loads(hearth("models", "show", "small", "--json").stdout)["name"] == "t:1"
+    assert json.loads(hearth("models", "fit", "small", "--ctx", "512", "--json").stdout)["from"].startswith("store")
+    assert hearth("models", "rm", "t:1", "--force").returncode == 0
     assert json.loads(hearth("hw", "--json").stdout)["cores"] >= 1
 
 

@@ -24,7 +24,7 @@ from hearth.models.hardware import detect
 from hearth.models.pull import Puller, options_from
 from hearth.models.serving import adopt_bundled, shape_for
 from hearth.models.store import ModelStore
-from hearth.settings import Settings
+from hearth.settings import INBOX_ENGINES, Settings
 
 
 def _store(settings: Settings) -> ModelStore:
@@ -88,8 +88,19 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def store_name(name: str, settings: Settings) -> str:
+    """The store's name for `name`: an alias of an in-box model (`main`) names its target, as on the API."""
+    target = settings.alias_targets.get(name) or settings.alias_targets.get(name.removesuffix(":latest"))
+    if target is None:
+        return name
+    model, at, engine = target.rpartition("@")
+    if not at:
+        return target
+    return model if engine in INBOX_ENGINES else name  # an upstream's model is not in the store
+
+
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    m = _store(settings).get(args.name)
+    m = _store(settings).get(store_name(args.name, settings))
     data = {k: getattr(m, k) for k in m.__dataclass_fields__}
     data["path"] = str(_store(settings).blob_path(m.sha256))
     if not _out(args, data):
@@ -186,7 +197,7 @@ def cmd_fit(args: argparse.Namespace, settings: Settings) -> int:
     if args.allow_network:
         opts.allow_network = True
     ctx = args.ctx or settings.ctx_per_slot
-    shape, origin = shape_for(args.name, _store(settings), opts)
+    shape, origin = shape_for(store_name(args.name, settings), _store(settings), opts)
     hw = detect()
     v = check(shape, hw, ctx, args.parallel, kv_type=args.kv_type)
     if _out(args, {"model": args.name, "from": origin, **v.to_dict(), "summary": v.summary()}):
