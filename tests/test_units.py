@@ -379,3 +379,9 @@ def test_hearth_ps_says_when_a_model_is_unloaded_in_the_largest_fitting_unit(sec
     when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds + 0.5)
     assert until(when.isoformat()) == text
     assert until(None) == "Forever"
+
+
+def test_fields_refused_with_a_reason_are_not_logged_as_ignored() -> None:
+    wire = w.ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
+                                                   "modalities": ["text"], "vendor_extra": 1})
+    assert wire.unknown_fields() == ["vendor_extra"]  # modalities is read (and refused unless text)

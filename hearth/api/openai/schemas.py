@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -12,10 +12,12 @@ class Wire(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
+    handled_extras: ClassVar[frozenset[str]] = frozenset()  # read from the extras (refused with a reason)
+
     def unknown_fields(self) -> list[str]:
         """Names of fields the client sent that hearth does not know."""
         extra = self.__pydantic_extra__
-        return sorted(extra) if extra else []
+        return sorted(set(extra) - self.handled_extras) if extra else []
 
 
 class ImageURL(Wire):
@@ -94,6 +96,8 @@ class SamplingFields(Wire):
 
 
 class ChatCompletionRequest(SamplingFields):
+    handled_extras: ClassVar[frozenset[str]] = frozenset({"modalities", "audio", "web_search_options"})
+
     messages: list[ChatMessage] = Field(min_length=1)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
