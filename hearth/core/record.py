@@ -65,6 +65,13 @@ def current() -> RequestRecord | None:
     return _current.get()
 
 
+def dialect() -> str:
+    """The dialect of the request being served ("openai", "ollama"; "" outside a request): for
+    messages that name the field or fix in the caller's own terms."""
+    rec = _current.get()
+    return rec.dialect if rec is not None else ""
+
+
 def note_model(info: ModelInfo) -> None:
     rec = _current.get()
     if rec is not None:

@@ -107,8 +107,7 @@ def check_logprob_support(engine: Engine, info: ModelInfo, req: GenerateRequest)
 def check_think_support(engine: Engine, info: ModelInfo, req: GenerateRequest) -> None:
     """Thinking can be asked of upstreams (whose models may think); the in-box models do not."""
     if req.think not in (None, False) and not getattr(engine, "supports_thinking", False):
-        rec = record.current()
-        if rec is not None and rec.dialect == "openai":  # the field an OpenAI client sent
+        if record.dialect() == "openai":  # the field an OpenAI client sent
             raise BadRequest(f"model {info.id!r} does not support reasoning; drop `reasoning_effort` or send "
                              "\"none\"", param="reasoning_effort")
         raise BadRequest(f"model {info.id!r} does not support thinking; drop `think` (or set it to false)",

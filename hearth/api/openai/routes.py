@@ -204,6 +204,7 @@ async def _completion_stream(
         created = int(time.time())
         texts = ["" for _ in gens]
         completion_tokens = 0
+
         def event(choice: dict[str, object]) -> bytes:
             body = convert.completion_response(rid, created, model, [choice], None)
             if include_usage:  # as the spec says and chat streams do: null on every chunk but the last

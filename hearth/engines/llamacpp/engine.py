@@ -392,9 +392,7 @@ class LlamaCppEngine:
                 "shorten the prompt (or raise ctx_per_slot)", param=param)
         if kind == "embed_context":  # detail: (tokens, which input, limit)
             tokens, index, limit = detail
-            rec = record.current()
-            fix = "or send truncate: true (the default) to cut it" if rec is not None and rec.dialect == "ollama" \
-                else "or split it"
+            fix = "or send truncate: true (the default) to cut it" if record.dialect() == "ollama" else "or split it"
             return ContextLengthExceeded(f"input[{index}] is {tokens} tokens, over this model's context of {limit}; "
                                          f"shorten it, {fix}", param="input")
         if kind == "bad_request":  # detail: (text, the field it is about or None)
